@@ -37,6 +37,91 @@ def _cmd_data_check(args) -> int:
     return 1 if report.problems else 0
 
 
+def _resolve_config(args):
+    """CONFIG is a YAML file, a preset name, or an existing run directory (resumed)."""
+    from pathlib import Path
+
+    from .config import PRESETS, load_config, parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    src = Path(args.config)
+    if src.is_dir():
+        if not (src / "config.yaml").is_file():
+            raise SystemExit(f"uda-ray: error: {src} is a folder without config.yaml (not a run directory)")
+        cfg = load_config(src / "config.yaml", overrides)
+        return cfg, src
+    if src.is_file():
+        return load_config(src, overrides), None
+    if args.config in PRESETS:
+        return load_config(None, overrides, preset=args.config, method=args.method), None
+    raise SystemExit(f"uda-ray: error: {args.config}: neither a config file, a run directory nor a preset "
+                     f"({', '.join(sorted(PRESETS))})")
+
+
+def _cmd_train(args) -> int:
+    from .engine import fit
+
+    cfg, run_dir = _resolve_config(args)
+    tracker = None
+    if not args.no_mlflow:
+        from .tracking import MlflowTracker
+
+        tracker = MlflowTracker(experiment=args.experiment, run_name=cfg.run_name, tracking_uri=args.tracking_uri)
+    status = "FAILED"
+    try:
+        result = fit(cfg, run_dir=run_dir, tracker=tracker, progress=not args.quiet)
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+    print(f"{cfg.run_name}: step {result.step}, target-val mIoU {100 * result.scores.miou:.2f} "
+          f"({result.seconds:.0f} s); run directory {result.run_dir}")
+    print(result.scores.format_table())
+    if tracker is not None:
+        uri = args.tracking_uri or "sqlite:///mlflow.db"
+        print(f"MLflow run {tracker.run_id}: open the UI with  mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .config import build_config
+    from .engine import Context, build_datasets, build_segmenter, evaluate, load_checkpoint_file, resolve_device
+    from .methods import METHODS
+
+    state = load_checkpoint_file(args.checkpoint)
+    values = dict(state["config"])
+    values.update({"run.init_from": "", "run.device": args.device, "run.max_val_images": args.max_images})
+    if args.data_root:
+        values["data.root"] = args.data_root
+    if args.split:
+        values["data.val_split"] = args.split
+    cfg = build_config(values)
+    device = resolve_device(cfg.run.device)
+    ctx = Context(cfg, device, amp=cfg.run.amp and device.type == "cuda", channels_last=False)
+    method = METHODS[cfg.method](cfg, build_segmenter(cfg, device), ctx)
+    for k, m in method.modules().items():
+        m.load_state_dict(state["modules"][k])
+    scores, _ = evaluate(method, build_datasets(cfg)["val"], ctx, max_images=cfg.run.max_val_images,
+                         progress=True)
+    print(f"{args.checkpoint}: {cfg.data.target} {cfg.data.val_split}, {cfg.data.num_classes}-class protocol")
+    print(scores.format_table())
+    return 0
+
+
+def _cmd_bench_step(args) -> int:
+    from .bench import bench_step
+    from .config import load_config, parse_overrides
+
+    cfg = load_config(None, parse_overrides(args.set or []), preset=args.preset, method=args.method)
+    r = bench_step(cfg, warmup=args.warmup, iters=args.iters)
+    print(f"{args.method} @ {args.preset} ({cfg.model.arch}, source {cfg.data.source_w}x{cfg.data.source_h}, "
+          f"target {cfg.data.target_w}x{cfg.data.target_h}, batch {cfg.data.batch_size}) on {r['device']}")
+    for k, v in r.items():
+        if k != "device":
+            print(f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .data.datasets import DATASETS
@@ -68,16 +153,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-problems", type=int, default=50)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_data_check)
+
+    t = sub.add_parser("train", help="train one config (a YAML file, a preset, or a run directory to resume)")
+    t.add_argument("config", help="config YAML, preset name (tiny-cpu, paper) or an existing run directory")
+    t.add_argument("--method", default=None, help="method, when CONFIG is a preset (default: source_only)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
+    t.add_argument("--experiment", default="uda-ray", help="MLflow experiment")
+    t.add_argument("--no-mlflow", action="store_true", help="do not track this run")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the target val split with the protocol of its label space")
+    e.add_argument("checkpoint", help="checkpoint file or run directory")
+    e.add_argument("--data-root", default=None, help="override data.root")
+    e.add_argument("--split", default=None, help="target split (default: the run's data.val_split)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--max-images", type=int, default=0)
+    e.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks (timings printed, not tests)")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    bs = bsub.add_parser("step", help="seconds per training iteration on random data at a preset's sizes")
+    bs.add_argument("--preset", default="tiny-cpu")
+    bs.add_argument("--method", default="adaptseg")
+    bs.add_argument("--set", action="append", metavar="KEY=VALUE")
+    bs.add_argument("--warmup", type=int, default=5)
+    bs.add_argument("--iters", type=int, default=20)
+    bs.set_defaults(func=_cmd_bench_step)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
     from .data.io import DatasetError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DatasetError as e:
+    except (DatasetError, ConfigError, FileNotFoundError) as e:
         print(f"uda-ray: error: {e}", file=sys.stderr)
         return 2
 

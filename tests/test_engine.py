@@ -1,0 +1,164 @@
+"""The engine and the baseline methods on a tiny tree in the real layouts, on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import trees
+from uda_ray.config import ConfigError, build_config
+from uda_ray.engine import Context, NonFiniteLoss, build_segmenter, checkpoint_path, fit, poly_lr
+from uda_ray.losses import gan_loss, seg_loss
+from uda_ray.methods import METHODS
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    trees.gta5_tree(root / "gta5", n=6, w=72, h=40)
+    trees.cityscapes_tree(root / "cityscapes", split="train", cities=("aachen", "bochum", "bremen"), w=64, h=32)
+    trees.cityscapes_tree(root / "cityscapes", split="val", cities=("frankfurt", "lindau"), w=64, h=32)
+    return root
+
+
+def tiny_cfg(root, tmp_path, method="source_only", **values):
+    base = {
+        "data.root": str(root), "data.synth": False, "data.source_w": 64, "data.source_h": 32,
+        "data.target_w": 64, "data.target_h": 32, "data.batch_size": 2, "model.arch": "tiny",
+        "model.bn": "shared", "run.out": str(tmp_path / "runs"), "run.iterations": 4,
+        "run.schedule_iterations": 0, "run.eval_every": 0, "run.checkpoint_every": 0, "run.log_every": 1,
+        "run.num_workers": 0, "run.mosaic_images": 1, "optim.lr": 0.01,
+    }
+    base.update(values)
+    return build_config(base, method=method)
+
+
+def test_losses_on_hand_cases():
+    # two pixels, two classes: logits (0, ln 3) -> p = (1/4, 3/4)
+
+    logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1).expand(1, 2, 1, 2)
+    label = torch.tensor([[[1, 255]]])  # second pixel ignored
+    assert seg_loss(logits, label).item() == pytest.approx(-math.log(0.75))
+    d = torch.tensor([0.0, 2.0]).view(1, 1, 1, 2)
+    assert gan_loss(d, 1.0, "ls").item() == pytest.approx(((0 - 1) ** 2 + (2 - 1) ** 2) / 2)
+    expected = (math.log(2) + (math.log1p(math.exp(-2.0)))) / 2  # BCE(sigmoid(0),1), BCE(sigmoid(2),1)
+    assert gan_loss(d, 1.0, "vanilla").item() == pytest.approx(expected)
+    assert poly_lr(1.0, 50, 100, 0.9) == pytest.approx(0.5 ** 0.9)
+    assert poly_lr(1.0, 100, 100, 0.9) == 0.0
+
+
+def _adaptseg(data_root, tmp_path, dtype=torch.float32, **kw):
+    cfg = tiny_cfg(data_root, tmp_path, "adaptseg", **kw)
+    ctx = Context(cfg, torch.device("cpu"), amp=False, channels_last=False)
+    method = METHODS["adaptseg"](cfg, build_segmenter(cfg, ctx.device).to(dtype), ctx)
+    for d in method.discs.values():
+        d.to(dtype)
+    g = torch.Generator().manual_seed(0)
+    src = {"image": torch.randn(2, 3, 32, 64, generator=g, dtype=dtype),
+           "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
+    tgt = {"image": torch.randn(2, 3, 32, 64, generator=g, dtype=dtype)}
+    return method, src, tgt
+
+
+def test_adaptseg_generator_step_leaves_discriminators_untouched(data_root, tmp_path):
+    method, src, tgt = _adaptseg(data_root, tmp_path)
+    logs, prob_s, prob_t = method.generator_step(src, tgt)
+    for d in method.discs.values():
+        assert all(p.grad is None for p in d.parameters())
+        assert all(p.requires_grad for p in d.parameters())  # unfrozen again for their own step
+    assert all(p.grad is not None for p in method.model.parameters() if p.requires_grad)
+    assert set(logs) == {"loss/seg_src", "loss/seg_src_aux", "loss/adv_tgt_main", "loss/adv_tgt_aux"}
+    seg_grads = [p.grad.clone() for p in method.model.parameters()]
+    method.discriminator_step(prob_s, prob_t)
+    for d in method.discs.values():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
+    assert all(torch.equal(a, p.grad) for a, p in zip(seg_grads, method.model.parameters()))
+
+
+def test_adaptseg_adversarial_weights_scale_the_segmenter_gradient(data_root, tmp_path):
+    # With the segmentation weights of the source term fixed, the target term's gradient
+    # on the segmenter is linear in lambda_adv: doubling both lambdas doubles the difference.
+    grads = {}
+    for lam in (0.0, 1e-3, 2e-3):
+        torch.manual_seed(0)
+        method, src, tgt = _adaptseg(data_root, tmp_path, torch.float64, **{"adaptseg.lambda_adv_main": lam,
+                                                             "adaptseg.lambda_adv_aux": lam})
+        method.generator_step(src, tgt)
+        grads[lam] = torch.cat([p.grad.flatten() for p in method.model.parameters()])
+    d1, d2 = grads[1e-3] - grads[0.0], grads[2e-3] - grads[0.0]
+    assert d1.abs().max() > 0
+    assert torch.allclose(d2, 2 * d1, rtol=1e-6, atol=1e-15)
+
+
+def _params(run_dir):
+    state = torch.load(checkpoint_path(run_dir), weights_only=False)
+    return state["step"], state["modules"]
+
+
+@pytest.mark.parametrize("method", ["source_only", "adaptseg"])
+def test_resume_equals_uninterrupted(data_root, tmp_path, method):
+    full = tiny_cfg(data_root, tmp_path, method, **{"run.name": "full", "run.iterations": 4})
+    fit(full)
+    half = tiny_cfg(data_root, tmp_path, method, **{"run.name": "split", "run.iterations": 2,
+                                                   "run.schedule_iterations": 4})
+    fit(half)
+    rest = tiny_cfg(data_root, tmp_path, method, **{"run.name": "split", "run.iterations": 4})
+    result = fit(rest)  # finds runs/split/checkpoints/last.pt and resumes at step 2
+    assert result.step == 4
+    step_a, a = _params(tmp_path / "runs" / "full")
+    step_b, b = _params(tmp_path / "runs" / "split")
+    assert step_a == step_b == 4
+    for name in a:
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"
+
+
+SMOKE = [
+    ("source_only", {}),
+    ("source_only", {"model.bn": "frozen"}),
+    ("source_only", {"model.bn": "per_domain"}),
+    ("source_only", {"model.multi_level": False}),
+    ("adaptseg", {}),
+    ("adaptseg", {"adaptseg.gan": "ls"}),
+    ("adaptseg", {"adaptseg.multi_level": False}),
+    ("adaptseg", {"adaptseg.multi_level": False, "model.multi_level": False}),
+    ("adaptseg", {"model.bn": "per_domain"}),
+    ("adaptseg", {"model.bn": "frozen"}),
+]
+
+
+@pytest.mark.parametrize("method, values", SMOKE, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in v.items())}"
+                                                      for m, v in SMOKE])
+def test_two_iteration_smoke(data_root, tmp_path, method, values):
+    cfg = tiny_cfg(data_root, tmp_path, method, **{"run.iterations": 2, **values})
+    result = fit(cfg)
+    assert result.step == 2 and 0.0 <= result.scores.miou <= 1.0
+    assert (result.run_dir / "mosaic.png").is_file() and (result.run_dir / "iou_per_class.csv").is_file()
+
+
+def test_adabn_reestimates_target_statistics_from_a_source_checkpoint(data_root, tmp_path):
+    src = fit(tiny_cfg(data_root, tmp_path, "source_only", **{"run.name": "src", "run.iterations": 2}))
+    before = torch.load(checkpoint_path(src.run_dir), weights_only=False)["modules"]["model"]
+    cfg = tiny_cfg(data_root, tmp_path, "adabn", **{"run.name": "adabn", "run.init_from": str(src.run_dir)})
+    result = fit(cfg)
+    after = torch.load(checkpoint_path(result.run_dir), weights_only=False)["modules"]["model"]
+    means = [k for k in before if k.endswith("running_mean")]
+    assert means and all(not torch.equal(before[k], after[k]) for k in means)
+    weights = [k for k in before if k.endswith("weight")]
+    assert all(torch.equal(before[k], after[k]) for k in weights)  # no training
+    with pytest.raises(ConfigError, match="run.init_from: adabn needs"):
+        fit(tiny_cfg(data_root, tmp_path, "adabn", **{"run.name": "adabn2"}))
+
+
+def test_multi_level_switch_needs_an_aux_head(data_root, tmp_path):
+    with pytest.raises(ConfigError, match="adaptseg.multi_level: needs model.multi_level"):
+        fit(tiny_cfg(data_root, tmp_path, "adaptseg", **{"model.multi_level": False}))
+
+
+def test_non_finite_loss_stops_the_run(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, tmp_path, "source_only", **{"optim.lr": 1e30, "run.iterations": 6,
+                                                          "run.log_every": 3})
+    with pytest.raises(NonFiniteLoss, match=r"loss/seg_src.*non-finite between steps"):
+        fit(cfg)

@@ -1,0 +1,312 @@
+"""One typed config with flat dotted keys (``adaptseg.lambda_adv_main``).
+
+Every knob is a typed scalar declared once with its default (the paper's where there is
+one), its allowed range or choices, and a one-line comment. The same flat names are used
+in YAML files, ``--set key=value`` overrides, Ray Tune search spaces and MLflow rows.
+Unknown keys and out-of-range values are rejected when the config is built, with a message
+naming the key.
+
+Sections: ``run``, ``data``, ``model``, ``optim`` (shared by all methods) and the section of
+the active method only (``method: adaptseg`` brings ``adaptseg.*``). A method declares its
+section with :func:`register_method_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value of the wrong type or out of range."""
+
+
+def knob(default, help: str, *, lo=None, hi=None, choices=None, lo_open=False):
+    """A config field: default, one-line help, and its allowed range (``lo <= v <= hi``,
+    ``lo < v`` with ``lo_open``) or choices."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices,
+                                            "lo_open": lo_open})
+
+
+@dataclass
+class RunConfig:
+    name: str = knob("", "run name (default: <method>-s<seed>)")
+    seed: int = knob(0, "seed of weights init, data order and augmentation", lo=0)
+    out: str = knob("runs", "folder holding run directories")
+    iterations: int = knob(150_000, "training iterations (AdaptSegNet stops at 150k)", lo=0)
+    schedule_iterations: int = knob(250_000, "poly schedule horizon (AdaptSegNet: 250k; 0 = iterations)", lo=0)
+    log_every: int = knob(50, "iterations between loss logs (the only per-step host sync)", lo=1)
+    eval_every: int = knob(5_000, "iterations between target-val evaluations (0 = at the end only)", lo=0)
+    checkpoint_every: int = knob(5_000, "iterations between checkpoints (0 = at the end only)", lo=0)
+    device: str = knob("auto", "auto, cpu or cuda[:i]")
+    amp: bool = knob(True, "bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = knob(True, "channels_last memory format on CUDA")
+    num_workers: int = knob(4, "data loader workers per domain", lo=0)
+    init_from: str = knob("", "checkpoint (file or run dir) whose segmenter weights start this run")
+    max_val_images: int = knob(0, "evaluate on the first N target-val images (0 = all)", lo=0)
+    mosaic_images: int = knob(4, "target-val images in the prediction mosaic", lo=0)
+
+
+@dataclass
+class DataConfig:
+    root: str = knob("data/synth", "data root; dataset folders below are relative to it")
+    synth: bool = knob(True, "generate the embedded benchmark under data.root when it is missing")
+    synth_seed: int = knob(0, "seed of the embedded benchmark", lo=0)
+    synth_regime: str = knob("default", "domain-shift regime of the embedded benchmark")
+    source: str = knob("gta5", "source reader", choices=("gta5", "synthia", "cityscapes", "bdd100k"))
+    source_dir: str = knob("gta5", "source folder (below data.root unless absolute)")
+    source_split: str = knob("all", "source split")
+    target: str = knob("cityscapes", "target reader", choices=("cityscapes", "bdd100k", "gta5", "synthia"))
+    target_dir: str = knob("cityscapes", "target folder (below data.root unless absolute)")
+    target_split: str = knob("train", "unlabelled target training split")
+    val_split: str = knob("val", "target split that is evaluated and reported")
+    num_classes: int = knob(19, "label space: 19, or 16 for SYNTHIA -> Cityscapes", choices=(19, 16))
+    source_w: int = knob(1280, "source resize width (GTA5 protocol: 1280x720)", lo=8)
+    source_h: int = knob(720, "source resize height", lo=8)
+    target_w: int = knob(1024, "target resize width (Cityscapes protocol: 1024x512)", lo=8)
+    target_h: int = knob(512, "target resize height", lo=8)
+    batch_size: int = knob(1, "images per domain per iteration (reference: 1)", lo=1)
+    norm: str = knob("imagenet", "input normalisation of the backbone", choices=("imagenet", "caffe"))
+    scale_min: float = knob(1.0, "random rescale lower bound (1 = off; reference: off)", lo=0.1, hi=4.0)
+    scale_max: float = knob(1.0, "random rescale upper bound", lo=0.1, hi=4.0)
+    crop_w: int = knob(0, "random crop width (0 = no crop)", lo=0)
+    crop_h: int = knob(0, "random crop height (0 = no crop)", lo=0)
+    flip: bool = knob(False, "random horizontal flip (reference: off)")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = knob("deeplabv2_r101", "segmenter",
+                     choices=("deeplabv2_r101", "deeplabv2_vgg16", "r18_ppm", "tiny"))
+    pretrained: str = knob("", "ImageNet weights: a file path, 'torchvision' (the local cache) or ''")
+    multi_level: bool = knob(True, "auxiliary head on the penultimate stage (multi-level adaptation)")
+    bn: str = knob("frozen", "BatchNorm: shared stats, frozen stats, or per-domain stats",
+                   choices=("shared", "frozen", "per_domain"))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = knob(2.5e-4, "segmenter SGD learning rate (reference 2.5e-4)", lo=0.0, lo_open=True)
+    momentum: float = knob(0.9, "segmenter SGD momentum", lo=0.0, hi=1.0)
+    weight_decay: float = knob(5e-4, "segmenter SGD weight decay", lo=0.0)
+    head_lr_mult: float = knob(10.0, "learning-rate multiplier of the classifier heads", lo=0.0)
+    poly_power: float = knob(0.9, "poly decay power", lo=0.0)
+    d_lr: float = knob(1e-4, "discriminator Adam learning rate (reference 1e-4)", lo=0.0, lo_open=True)
+    d_beta1: float = knob(0.9, "discriminator Adam beta1", lo=0.0, hi=1.0)
+    d_beta2: float = knob(0.99, "discriminator Adam beta2", lo=0.0, hi=1.0)
+
+
+SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig}
+METHOD_CONFIGS: dict[str, type] = {}
+
+
+def register_method_config(name: str, cls: type | None = None):
+    """Declare a method's config section (a dataclass of :func:`knob` fields); usable as a
+    class decorator: ``@register_method_config("adaptseg")``."""
+
+    def deco(c):
+        if not dataclasses.is_dataclass(c):
+            raise TypeError(f"{c} must be a dataclass")
+        METHOD_CONFIGS[name] = c
+        return c
+
+    return deco(cls) if cls is not None else deco
+
+
+@dataclass
+class Config:
+    method: str
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    params: Any = None  # the method's section
+
+    def section(self, name: str):
+        return self.params if name == self.method else getattr(self, name)
+
+    def section_names(self) -> list[str]:
+        return [*SECTIONS, self.method]
+
+    def flat(self) -> dict[str, Any]:
+        """One flat dict: ``{"method": ..., "run.seed": ..., "adaptseg.lambda_adv_main": ...}``."""
+        out: dict[str, Any] = {"method": self.method}
+        for name in self.section_names():
+            sec = self.section(name)
+            for f in fields(sec):
+                out[f"{name}.{f.name}"] = getattr(sec, f.name)
+        return out
+
+    def get(self, key: str):
+        sec, _, attr = key.partition(".")
+        return getattr(self.section(sec), attr)
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or f"{self.method}-s{self.run.seed}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.flat(), sort_keys=False)
+
+
+def _methods_loaded() -> None:
+    from . import methods  # noqa: F401  (registers every method's config section)
+
+
+def _coerce(key: str, f: dataclasses.Field, value):
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: cannot parse {value!r} as {typ.__name__}") from None
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif typ is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        value = str(value)
+    m = f.metadata
+    if m.get("choices") is not None and value not in m["choices"]:
+        raise ConfigError(f"{key}: must be one of {list(m['choices'])}, got {value!r}")
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and (value < lo or (m.get("lo_open") and value == lo)):
+        raise ConfigError(f"{key}: must be {'>' if m.get('lo_open') else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: must be <= {hi}, got {value!r}")
+    return value
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested YAML mappings -> dotted keys (``{"run": {"seed": 1}}`` -> ``{"run.seed": 1}``)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def build_config(values: dict[str, Any] | None = None, *, method: str | None = None,
+                 preset: str | None = None) -> Config:
+    """A validated config from flat (or nested) values over an optional preset.
+
+    Precedence: defaults < preset < values. ``method`` may be given as an argument or as
+    the ``method`` key; ``preset`` likewise.
+    """
+    _methods_loaded()
+    values = flatten(dict(values or {}))
+    preset = values.pop("preset", None) or preset
+    merged: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        merged.update(PRESETS[preset])
+    merged.update(values)
+    method = merged.pop("method", None) or method
+    if method is None:
+        raise ConfigError("method: no method given; expected one of " + str(sorted(METHOD_CONFIGS)))
+    if method not in METHOD_CONFIGS:
+        raise ConfigError(f"method: unknown method {method!r}; expected one of {sorted(METHOD_CONFIGS)}")
+    cfg = Config(method=method, params=METHOD_CONFIGS[method]())
+    for key, value in merged.items():
+        sec_name, dot, attr = key.partition(".")
+        if not dot:
+            raise ConfigError(f"{key}: unknown key (keys are dotted, e.g. run.seed)")
+        if sec_name in METHOD_CONFIGS and sec_name != method and sec_name not in SECTIONS:
+            raise ConfigError(f"{key}: belongs to method {sec_name!r}, but the method is {method!r}")
+        if sec_name not in SECTIONS and sec_name != method:
+            raise ConfigError(f"{key}: unknown section {sec_name!r}; expected one of {cfg.section_names()}")
+        sec = cfg.section(sec_name)
+        fmap = {f.name: f for f in fields(sec)}
+        if attr not in fmap:
+            raise ConfigError(f"{key}: unknown key; {sec_name}.* has {sorted(fmap)}")
+        setattr(sec, attr, _coerce(key, fmap[attr], value))
+    _check_defaults(cfg)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _check_defaults(cfg: Config) -> None:
+    # defaults pass through the same validation (catches a bad default in a method section)
+    for name in cfg.section_names():
+        sec = cfg.section(name)
+        for f in fields(sec):
+            _coerce(f"{name}.{f.name}", f, getattr(sec, f.name))
+
+
+def _cross_checks(cfg: Config) -> None:
+    d = cfg.data
+    if d.scale_min > d.scale_max:
+        raise ConfigError(f"data.scale_min: must be <= data.scale_max ({d.scale_max}), got {d.scale_min}")
+    if (d.crop_w == 0) != (d.crop_h == 0):
+        raise ConfigError("data.crop_w / data.crop_h: set both or neither")
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["a.b=1", "c.d=x"]`` -> ``{"a.b": "1", "c.d": "x"}`` (values are typed by build_config)."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                preset: str | None = None, method: str | None = None) -> Config:
+    """A config from a YAML file (nested or flat dotted keys, optional ``preset:`` and
+    ``method:``), then ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        values = flatten(loaded)
+    values.update(overrides or {})
+    return build_config(values, preset=preset, method=method)
+
+
+# Presets: flat overrides of the defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded benchmark, the small backbone, a run in about 3 minutes on 2 CPU cores.
+    "tiny-cpu": {
+        "data.root": "data/synth", "data.synth": True,
+        "data.source_w": 320, "data.source_h": 176, "data.target_w": 256, "data.target_h": 128,
+        "data.batch_size": 4, "data.num_classes": 19,
+        "model.arch": "tiny", "model.pretrained": "", "model.bn": "shared",
+        "optim.lr": 0.02, "optim.weight_decay": 1e-4,
+        "run.iterations": 1500, "run.schedule_iterations": 0, "run.log_every": 25,
+        "run.eval_every": 500, "run.checkpoint_every": 500, "run.num_workers": 1,
+    },
+    # The papers' setting: DeepLab-v2 ResNet-101, GTA5 1280x720 -> Cityscapes 1024x512.
+    "paper": {
+        "data.source_w": 1280, "data.source_h": 720, "data.target_w": 1024, "data.target_h": 512,
+        "data.batch_size": 1, "model.arch": "deeplabv2_r101", "model.pretrained": "torchvision",
+        "model.bn": "frozen", "optim.lr": 2.5e-4, "run.iterations": 150_000,
+        "run.schedule_iterations": 250_000,
+    },
+}

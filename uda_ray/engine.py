@@ -1,0 +1,444 @@
+"""The training engine: one iteration-based loop that every method plugs into.
+
+The engine owns iteration, learning-rate schedules, evaluation on target val,
+checkpoints and reporting; a method (``uda_ray.methods``) owns its update step. The same
+:func:`fit` runs as a plain process and inside Ray Train workers: distributed state comes
+from ``torch.distributed`` when it is initialised, and reporting goes through the
+``tracker`` and ``on_checkpoint`` arguments.
+
+Speed: the hot loop stays on the device. Losses are accumulated on the device and read
+back only every ``run.log_every`` steps (the only host sync), which is also when the
+non-finite guard looks at them; bf16 autocast and channels_last apply on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import Config, ConfigError
+from .data import JointTransform, PairedBatches, build_dataset, eval_loader, train_loader
+from .data.labels import train_palette
+from .evaluation import ConfusionMatrix, Scores, summarize, upsample_logits
+from .models import build_model
+from .models.batchnorm import set_bn_mode
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or infinite: the run stops rather than train on garbage."""
+
+
+@dataclass
+class Context:
+    """What a method needs from the engine: the device and the numeric settings."""
+
+    cfg: Config
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    target_batches_per_epoch: int = 1
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, batch: dict | None) -> dict | None:
+        if batch is None:
+            return None
+        out = dict(batch)
+        img = batch["image"].to(self.device, non_blocking=True)
+        out["image"] = img.contiguous(memory_format=torch.channels_last) if self.channels_last else img
+        if "label" in batch:
+            out["label"] = batch["label"].to(self.device, non_blocking=True)
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _dir(cfg: Config, which: str) -> Path:
+    d = Path(getattr(cfg.data, f"{which}_dir"))
+    return d if d.is_absolute() else Path(cfg.data.root) / d
+
+
+def ensure_data(cfg: Config) -> None:
+    """Generate the embedded benchmark on first use when the config points at it."""
+    if not cfg.data.synth:
+        return
+    from .data import synth
+
+    synth.ensure_benchmark(cfg.data.root, seed=cfg.data.synth_seed, regime=cfg.data.synth_regime)
+
+
+def build_datasets(cfg: Config) -> dict:
+    """Source train, target train (unlabelled) and target val datasets of a config."""
+    d = cfg.data
+    aug = dict(scale=(d.scale_min, d.scale_max), flip=d.flip, norm=d.norm,
+               crop=(d.crop_w, d.crop_h) if d.crop_w else None)
+    src = build_dataset(d.source, _dir(cfg, "source"), split=d.source_split, num_classes=d.num_classes,
+                        transform=JointTransform(size=(d.source_w, d.source_h), **aug))
+    tgt = build_dataset(d.target, _dir(cfg, "target"), split=d.target_split, num_classes=d.num_classes,
+                        labels=False, transform=JointTransform(size=(d.target_w, d.target_h), **aug))
+    val = build_dataset(d.target, _dir(cfg, "target"), split=d.val_split, num_classes=d.num_classes,
+                        transform=JointTransform(size=(d.target_w, d.target_h), norm=d.norm,
+                                                 resize_label=False))
+    return {"source": src, "target": tgt, "val": val}
+
+
+def build_segmenter(cfg: Config, device: torch.device) -> nn.Module:
+    m = cfg.model
+    kw = {"multi_level": m.multi_level} if m.arch in ("deeplabv2_r101", "tiny") else {}
+    model = build_model(m.arch, num_classes=cfg.data.num_classes, pretrained=m.pretrained or None, **kw)
+    set_bn_mode(model, m.bn)
+    if cfg.run.init_from:
+        state = load_checkpoint_file(cfg.run.init_from)
+        model.load_state_dict(state["modules"]["model"])
+    return model.to(device)
+
+
+def poly_lr(base: float, step: int, horizon: int, power: float) -> float:
+    return base * (1 - min(step, horizon) / horizon) ** power if horizon > 0 else base
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """A checkpoint by file or run directory (its ``checkpoints/last.pt``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = checkpoint_path(p)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: checkpoint not found")
+    return torch.load(p, map_location="cpu", weights_only=False)
+
+
+def save_checkpoint(path: Path, method, step: int, cfg: Config, extra: dict | None = None) -> Path:
+    """Everything needed to resume: every module and optimizer, the step (which fixes the
+    data position: the samplers are functions of the step), and the RNG states. Written to a
+    temporary file and renamed, so a kill mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "config": cfg.flat(),
+        "modules": {k: m.state_dict() for k, m in method.modules().items()},
+        "optimizers": {k: o.optimizer.state_dict() for k, o in method.optimizers().items()},
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "extra": extra or {},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def restore_checkpoint(state: dict, method) -> int:
+    for k, m in method.modules().items():
+        m.load_state_dict(state["modules"][k])
+    for k, o in method.optimizers().items():
+        o.optimizer.load_state_dict(state["optimizers"][k])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["step"])
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int = 0,
+             progress: bool = False) -> tuple[Scores, list]:
+    """Target-val scores: predict at the target training size, upsample the logits to the
+    label's full size, accumulate one confusion matrix (summed over DDP ranks). Streams: one
+    image at a time, bounded memory. Returns the scores and up to ``mosaic`` triplets of
+    (image, label, prediction) for the prediction mosaic."""
+    model = method.model
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(dataset.num_classes, device=ctx.device, validate=False)
+    loader = eval_loader(dataset, batch_size=1, rank=ctx.rank, world_size=ctx.world_size,
+                         num_workers=min(2, ctx.cfg.run.num_workers))
+    triplets = []
+    it = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc="eval", leave=False, unit="img")
+    for i, batch in enumerate(it):
+        if max_images and i * ctx.world_size >= max_images:
+            break
+        b = ctx.to_device(batch)
+        logits = method.predict(b["image"])
+        pred = upsample_logits(logits, b["label"].shape[-2:]).argmax(1)
+        cm.update(pred, b["label"])
+        if len(triplets) < mosaic:
+            triplets.append((batch["image"][0], batch["label"][0], pred[0].cpu()))
+    matrix = cm.matrix
+    if ctx.world_size > 1:
+        dist.all_reduce(matrix)
+    model.train(was_training)
+    return summarize(matrix, str(dataset.num_classes)), triplets
+
+
+def mosaic_png(triplets, path: Path, *, norm: str, num_classes: int) -> Path:
+    """image | label | prediction, one row per val image, as a PNG."""
+    from PIL import Image
+
+    from .data.transforms import denormalise
+
+    pal = train_palette(num_classes)
+    rows = []
+    for img, lab, pred in triplets:
+        h, w = lab.shape
+        rgb = Image.fromarray(denormalise(img, norm).permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
+        lab_c = pal[np.where(lab.numpy() == 255, num_classes, lab.numpy())]
+        pred_c = pal[pred.numpy()]
+        rows.append(np.concatenate([np.asarray(rgb), lab_c, pred_c], axis=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    scores: Scores | None
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class NullTracker:
+    """Tracking that records nothing (the engine's default outside the CLI)."""
+
+    def log_params(self, params: dict) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_metrics(self, metrics: dict, step: int) -> None: ...
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progress: bool = False,
+        on_checkpoint: Callable[[Path, dict], None] | None = None, resume_from: dict | None = None) -> RunResult:
+    """Train (or, for methods that do not train, prepare) and evaluate one config.
+
+    Args:
+        cfg: the validated config.
+        run_dir: where checkpoints and artifacts go (default ``run.out/<run name>``); an
+            existing ``checkpoints/last.pt`` there is resumed.
+        tracker: receives params, tags, metrics and artifacts (rank 0 only).
+        on_checkpoint: called with (checkpoint path, metrics) after each checkpoint (Ray
+            Train reports through it).
+        resume_from: a loaded checkpoint to resume instead of ``run_dir``'s.
+    """
+    from .methods import METHODS
+
+    t_start = time.perf_counter()
+    rank, world = dist_info()
+    device = resolve_device(cfg.run.device)
+    is_cuda = device.type == "cuda"
+    if is_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    tracker = tracker if (tracker is not None and rank == 0) else NullTracker()
+    run_dir = Path(run_dir or Path(cfg.run.out) / cfg.run_name)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    seed_everything(cfg.run.seed)
+    ensure_data(cfg) if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    data = build_datasets(cfg)
+    ctx = Context(cfg, device, amp=cfg.run.amp and is_cuda, channels_last=cfg.run.channels_last and is_cuda,
+                  rank=rank, world_size=world,
+                  target_batches_per_epoch=max(1, len(data["target"]) // (cfg.data.batch_size * world)))
+    model = build_segmenter(cfg, device)
+    if ctx.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    method = METHODS[cfg.method](cfg, model, ctx)
+    if world > 1:
+        raise NotImplementedError("multi-worker training arrives with the Ray Train integration")
+
+    start = 0
+    state = resume_from
+    if state is None and checkpoint_path(run_dir).is_file():
+        state = load_checkpoint_file(checkpoint_path(run_dir))
+    if state is not None:
+        start = restore_checkpoint(state, method)
+
+    tracker.log_params(cfg.flat())
+    tracker.set_tags(run_tags(cfg, method, data))
+
+    iters = cfg.run.iterations if method.trains else 0
+    horizon = cfg.run.schedule_iterations or cfg.run.iterations
+    bs, nw = cfg.data.batch_size, cfg.run.num_workers
+    pin = is_cuda
+
+    def tgt_loader(start_pos):
+        return train_loader(data["target"], batch_size=bs, seed=cfg.run.seed * 2 + 1, start=start_pos,
+                            rank=rank, world_size=world, num_workers=nw, pin_memory=pin)
+
+    if start == 0 or not method.trains:
+        method.prepare(map(ctx.to_device, tgt_loader(0)))
+
+    metrics: dict = {}
+    scores = None
+    if iters > start:
+        pairs = PairedBatches(
+            train_loader(data["source"], batch_size=bs, seed=cfg.run.seed * 2, start=start * bs * world,
+                         rank=rank, world_size=world, num_workers=nw, pin_memory=pin),
+            tgt_loader(start * bs * world) if method.needs_target else None, start_step=start)
+        scores, metrics = _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker,
+                                progress, on_checkpoint)
+    if scores is None or (iters <= start):
+        scores, triplets = evaluate(method, data["val"], ctx, max_images=cfg.run.max_val_images,
+                                    mosaic=cfg.run.mosaic_images)
+        metrics = {**metrics, **scores.as_dict("val/")}
+        _final_reports(cfg, method, scores, triplets, run_dir, tracker, max(iters, start))
+        if rank == 0 and method.trains is False:
+            save_checkpoint(checkpoint_path(run_dir), method, 0, cfg, extra={"metrics": metrics})
+    return RunResult(run_dir, max(iters, start), scores, metrics, time.perf_counter() - t_start)
+
+
+def _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker, progress, on_checkpoint):
+    run = cfg.run
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    scores, metrics = None, {}
+    bar = None
+    if progress and ctx.rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=iters, initial=start, desc=cfg.run_name, unit="it", dynamic_ncols=True)
+    t_log = time.perf_counter()
+    for step in range(start, iters):
+        for so in method.optimizers().values():
+            lr = poly_lr(so.base_lr, step, horizon, cfg.optim.poly_power) if so.schedule == "poly" else so.base_lr
+            for g in so.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_mult", 1.0)
+        src, tgt = next(pairs)
+        logs = method.train_step(ctx.to_device(src), ctx.to_device(tgt), step)
+        for k, v in logs.items():
+            sums[k] = sums[k] + v if k in sums else v.clone()
+        count += 1
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+        if done % run.log_every == 0 or done == iters:
+            means = {k: (v / count).item() for k, v in sums.items()}  # the one host sync
+            bad = [k for k, v in means.items() if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteLoss(
+                    f"{', '.join(bad)} became non-finite between steps {done - count + 1} and {done} of "
+                    f"{cfg.run_name} ({means}); the last checkpoint is {checkpoint_path(run_dir)}. "
+                    f"Lower the learning rate or the loss weights, or check the data.")
+            dt = time.perf_counter() - t_log
+            means["perf/sec_per_iter"] = dt / count
+            means["lr/seg"] = method.optimizers()["seg"].optimizer.param_groups[0]["lr"]
+            tracker.log_metrics(means, step=done)
+            if bar is not None:
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")},
+                                refresh=False)
+            sums, count, t_log = {}, 0, time.perf_counter()
+        last = done == iters
+        do_eval = last or (run.eval_every and done % run.eval_every == 0)
+        if do_eval:
+            scores, triplets = evaluate(method, data["val"], ctx, max_images=run.max_val_images,
+                                        mosaic=run.mosaic_images if last else 0)
+            metrics = scores.as_dict("val/")
+            tracker.log_metrics(metrics, step=done)
+            if last:
+                _final_reports(cfg, method, scores, triplets, run_dir, tracker, done)
+        if last or (run.checkpoint_every and done % run.checkpoint_every == 0):
+            if ctx.rank == 0:
+                path = save_checkpoint(checkpoint_path(run_dir), method, done, cfg, extra={"metrics": metrics})
+            else:
+                path = checkpoint_path(run_dir)
+            if on_checkpoint is not None:
+                on_checkpoint(path, {"step": done, **(metrics if do_eval else {})})
+    if bar is not None:
+        bar.close()
+    return scores, metrics
+
+
+def _final_reports(cfg, method, scores, triplets, run_dir, tracker, step) -> None:
+    if method.ctx.rank != 0:
+        return
+    table = run_dir / "iou_per_class.csv"
+    with open(table, "w") as f:
+        f.write("class,IoU,Acc\n")
+        for name, iou, acc in zip(scores.class_names, scores.iou, scores.acc):
+            f.write(f"{name},{iou:.6f},{acc:.6f}\n")
+        f.write(f"mIoU,{scores.miou:.6f},{scores.macc:.6f}\n")
+    tracker.log_artifact(table)
+    tracker.log_artifact(run_dir / "config.yaml")
+    if triplets:
+        tracker.log_artifact(mosaic_png(triplets, run_dir / "mosaic.png", norm=cfg.data.norm,
+                                        num_classes=cfg.data.num_classes))
+
+
+def run_tags(cfg: Config, method, data) -> dict[str, str]:
+    from . import __version__
+
+    tags = {"method": cfg.method, "seed": str(cfg.run.seed), "bn": cfg.model.bn,
+            "dataset": f"{cfg.data.source}->{cfg.data.target}", "data_root": str(cfg.data.root),
+            "uda_ray_version": __version__, "git_commit": git_commit()}
+    tags.update({f"switch.{k}": str(v) for k, v in method.switches().items()})
+    return tags
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+

@@ -1,0 +1,11 @@
+"""The methods. Each is one small module composing shared parts; importing this package
+registers every method's config section."""
+
+from .adabn import AdaBN
+from .adaptseg import AdaptSeg
+from .base import Method, ScheduledOptimizer
+from .source_only import SourceOnly
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SourceOnly, AdaBN, AdaptSeg)}
+
+__all__ = ["METHODS", "Method", "ScheduledOptimizer", "AdaBN", "AdaptSeg", "SourceOnly"]

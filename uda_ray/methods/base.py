@@ -1,0 +1,97 @@
+"""What a method is: a small module that owns its update step and composes shared parts.
+
+The engine owns iteration, learning-rate schedules, evaluation, checkpoints and reporting;
+a method builds its discriminators and optimizers and writes its step out as the paper's
+steps. Methods do not inherit from each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..models.batchnorm import bn_domain
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..engine import Context
+
+
+@dataclass
+class ScheduledOptimizer:
+    """An optimizer and how the engine schedules it: ``poly`` decays every param group's
+    ``lr = base_lr * lr_mult * (1 - step / horizon) ** power``; ``const`` keeps it."""
+
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    schedule: str = "poly"
+
+
+def set_requires_grad(modules, flag: bool) -> None:
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(flag)
+
+
+def segmenter_optimizer(cfg: "Config", model: nn.Module) -> ScheduledOptimizer:
+    """SGD with the reference defaults; classifier heads at ``optim.head_lr_mult`` x lr."""
+    o = cfg.optim
+    opt = torch.optim.SGD(model.param_groups(o.lr, head_lr_mult=o.head_lr_mult), lr=o.lr,
+                          momentum=o.momentum, weight_decay=o.weight_decay)
+    return ScheduledOptimizer(opt, o.lr, "poly")
+
+
+def discriminator_optimizer(cfg: "Config", modules: list[nn.Module]) -> ScheduledOptimizer:
+    """Adam with the reference defaults (lr 1e-4, betas (0.9, 0.99)), poly-decayed as the
+    reference code does."""
+    o = cfg.optim
+    params = [{"params": [p for m in modules for p in m.parameters()], "lr_mult": 1.0}]
+    return ScheduledOptimizer(torch.optim.Adam(params, lr=o.d_lr, betas=(o.d_beta1, o.d_beta2)), o.d_lr)
+
+
+class Method:
+    """Base of the methods: holds the config, the segmenter and the engine context.
+
+    Subclasses set ``name`` and implement :meth:`train_step`; they may override
+    :meth:`prepare` (work before the first step), :meth:`predict` (what evaluation reads)
+    and extend :meth:`modules` / :meth:`optimizers` with their discriminators.
+    """
+
+    name: ClassVar[str] = ""
+    needs_target: ClassVar[bool] = True  # reads unlabelled target batches while training
+    trains: ClassVar[bool] = True  # False: no optimisation steps (e.g. AdaBN)
+
+    def __init__(self, cfg: "Config", model: nn.Module, ctx: "Context"):
+        self.cfg, self.model, self.ctx = cfg, model, ctx
+        self.p = cfg.params  # the method's own config section
+        self.opt_g = segmenter_optimizer(cfg, model) if self.trains else None
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Everything a checkpoint holds, by name (the segmenter is ``model``)."""
+        return {"model": self.model}
+
+    def optimizers(self) -> dict[str, ScheduledOptimizer]:
+        return {"seg": self.opt_g} if self.opt_g is not None else {}
+
+    def switches(self) -> dict[str, bool]:
+        """The ablation switches of this row: the boolean knobs of the method's section."""
+        return {f"{self.name}.{f.name}": getattr(self.p, f.name) for f in fields(self.p)
+                if isinstance(getattr(self.p, f.name), bool)}
+
+    def prepare(self, target_batches) -> None:
+        """Called once before training (or, for methods that do not train, instead of it)
+        with an iterator of target batches."""
+
+    def train_step(self, src: dict, tgt: dict | None, step: int) -> dict[str, Tensor]:
+        """One iteration: forward, backward and every optimizer step. Returns detached
+        scalar losses keyed ``loss/...`` (kept on the device: no host sync here)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """Main logits (N, C, h, w) of target images, for evaluation."""
+        with bn_domain(self.model, "target"), self.ctx.autocast():
+            return self.model(images).logits["main"].float()
