@@ -162,3 +162,40 @@ def test_non_finite_loss_stops_the_run(data_root, tmp_path):
                                                           "run.log_every": 3})
     with pytest.raises(NonFiniteLoss, match=r"loss/seg_src.*non-finite between steps"):
         fit(cfg)
+
+
+def test_train_cli_logs_a_full_row_to_mlflow(data_root, tmp_path, capsys):
+    import mlflow
+
+    from uda_ray.cli import main as cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(tiny_cfg(data_root, tmp_path, "adaptseg", **{"run.name": "cli", "run.eval_every": 2}).to_yaml())
+    assert cli(["train", str(cfg), "--set", "run.seed=5", "--tracking-uri", uri, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "target-val mIoU" in out and "mlflow ui --backend-store-uri" in out
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("uda-ray").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["adaptseg.lambda_adv_main"] == "0.001" and run.data.params["run.seed"] == "5"
+    tags = run.data.tags
+    assert tags["method"] == "adaptseg" and tags["seed"] == "5" and tags["bn"] == "shared"
+    assert tags["switch.adaptseg.multi_level"] == "True" and tags["dataset"] == "gta5->cityscapes"
+    assert "git_commit" in tags and "uda_ray_version" in tags
+    assert {"val/mIoU", "val/IoU/road", "loss/seg_src", "loss/disc_main"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [2, 4]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"mosaic.png", "iou_per_class.csv", "config.yaml"} <= artifacts
+    # pointing train at the run directory resumes it (here: already finished, so it only evaluates)
+    assert cli(["train", str(tmp_path / "runs" / "cli"), "--no-mlflow", "--quiet"]) == 0
+
+
+def test_eval_cli_reports_the_protocol(data_root, tmp_path, capsys):
+    from uda_ray.cli import main as cli
+
+    result = fit(tiny_cfg(data_root, tmp_path, "source_only", **{"run.name": "ev", "run.iterations": 2}))
+    capsys.readouterr()
+    assert cli(["eval", str(result.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "19-class protocol" in out and f"{100 * result.scores.miou:.2f}" in out
