@@ -29,7 +29,7 @@ def tiny_cfg(root, tmp_path, method="source_only", **values):
         "data.target_w": 64, "data.target_h": 32, "data.batch_size": 2, "model.arch": "tiny",
         "model.bn": "shared", "run.out": str(tmp_path / "runs"), "run.iterations": 4,
         "run.schedule_iterations": 0, "run.eval_every": 0, "run.checkpoint_every": 0, "run.log_every": 1,
-        "run.num_workers": 0, "run.mosaic_images": 1, "optim.lr": 0.01,
+        "run.num_workers": 0, "run.mosaic_images": 1, "optim.lr": 0.01, "data.select_n": 1,
     }
     base.update(values)
     return build_config(base, method=method)
@@ -199,3 +199,22 @@ def test_eval_cli_reports_the_protocol(data_root, tmp_path, capsys):
     assert cli(["eval", str(result.run_dir)]) == 0
     out = capsys.readouterr().out
     assert "19-class protocol" in out and f"{100 * result.scores.miou:.2f}" in out
+
+
+def test_selection_split_is_carved_from_target_train_and_reported_apart(data_root, tmp_path):
+    from uda_ray.engine import build_datasets
+
+    cfg = tiny_cfg(data_root, tmp_path, "source_only", **{"data.select_n": 2, "data.source_val_n": 2})
+    data = build_datasets(cfg)
+    sel = {p for p, _ in data["sel"].samples}
+    tgt = {p for p, _ in data["target"].samples}
+    val = {p for p, _ in data["val"].samples}
+    assert len(sel) == 2 and len(tgt) == 1 and not sel & tgt and not sel & val
+    assert all(lab is None for _, lab in data["target"].samples)  # adaptation never sees labels
+    assert all("/train/" in str(p) for p in sel)
+    assert len(data["src_val"]) == 2 and len(data["source"]) == 4
+    again = build_datasets(cfg)
+    assert {p for p, _ in again["sel"].samples} == sel  # seeded
+    result = fit(cfg)
+    assert {"val/mIoU", "sel/mIoU", "tgt/entropy", "src/mIoU", "val/IoU/road"} <= set(result.metrics)
+    assert "sel/IoU/road" not in result.metrics and 0.0 <= result.metrics["tgt/entropy"] <= 1.0

@@ -101,8 +101,8 @@ def _cmd_eval(args) -> int:
     method = METHODS[cfg.method](cfg, build_segmenter(cfg, device), ctx)
     for k, m in method.modules().items():
         m.load_state_dict(state["modules"][k])
-    scores, _ = evaluate(method, build_datasets(cfg)["val"], ctx, max_images=cfg.run.max_val_images,
-                         progress=True)
+    scores, _, _ = evaluate(method, build_datasets(cfg)["val"], ctx, max_images=cfg.run.max_val_images,
+                            progress=True)
     print(f"{args.checkpoint}: {cfg.data.target} {cfg.data.val_split}, {cfg.data.num_classes}-class protocol")
     print(scores.format_table())
     return 0

@@ -64,6 +64,10 @@ class DataConfig:
     target_dir: str = knob("cityscapes", "target folder (below data.root unless absolute)")
     target_split: str = knob("train", "unlabelled target training split")
     val_split: str = knob("val", "target split that is evaluated and reported")
+    select_n: int = knob(100, "labelled target-train images carved out as the selection split "
+                              "(model/trial selection; removed from adaptation; 0 = none)", lo=0)
+    select_seed: int = knob(0, "seed of the selection split's draw", lo=0)
+    source_val_n: int = knob(0, "source images held out for the label-free src/mIoU criterion (0 = none)", lo=0)
     num_classes: int = knob(19, "label space: 19, or 16 for SYNTHIA -> Cityscapes", choices=(19, 16))
     source_w: int = knob(1280, "source resize width (GTA5 protocol: 1280x720)", lo=8)
     source_h: int = knob(720, "source resize height", lo=8)

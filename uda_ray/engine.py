@@ -103,19 +103,46 @@ def ensure_data(cfg: Config) -> None:
     synth.ensure_benchmark(cfg.data.root, seed=cfg.data.synth_seed, regime=cfg.data.synth_regime)
 
 
+def carve(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices 0..n-1 into a seeded random subset of size k and the rest (both sorted)."""
+    if k >= n:
+        raise ConfigError(f"cannot carve {k} of {n} images: keep at least one for training")
+    perm = np.random.default_rng(seed).permutation(n)
+    return sorted(perm[:k].tolist()), sorted(perm[k:].tolist())
+
+
 def build_datasets(cfg: Config) -> dict:
-    """Source train, target train (unlabelled) and target val datasets of a config."""
+    """The datasets of a config: ``source`` (labelled), ``target`` (unlabelled target train),
+    ``val`` (the reported split) and, when configured, ``sel`` and ``src_val``.
+
+    Honest selection: ``sel`` is ``data.select_n`` labelled images drawn (seeded) from the
+    target *training* split and removed from the unlabelled adaptation set, so choosing a
+    snapshot or a trial never looks at ``val``, the split that is reported. ``src_val`` is
+    held out of the source set for the label-free ``src/mIoU`` criterion.
+    """
     d = cfg.data
     aug = dict(scale=(d.scale_min, d.scale_max), flip=d.flip, norm=d.norm,
                crop=(d.crop_w, d.crop_h) if d.crop_w else None)
+    src_eval_t = JointTransform(size=(d.source_w, d.source_h), norm=d.norm, resize_label=False)
+    tgt_eval_t = JointTransform(size=(d.target_w, d.target_h), norm=d.norm, resize_label=False)
+    out = {}
     src = build_dataset(d.source, _dir(cfg, "source"), split=d.source_split, num_classes=d.num_classes,
                         transform=JointTransform(size=(d.source_w, d.source_h), **aug))
+    if d.source_val_n:
+        held, rest = carve(len(src), d.source_val_n, d.select_seed + 1)
+        out["src_val"] = src.subset(held, transform=src_eval_t)
+        src = src.subset(rest)
+    out["source"] = src
     tgt = build_dataset(d.target, _dir(cfg, "target"), split=d.target_split, num_classes=d.num_classes,
-                        labels=False, transform=JointTransform(size=(d.target_w, d.target_h), **aug))
-    val = build_dataset(d.target, _dir(cfg, "target"), split=d.val_split, num_classes=d.num_classes,
-                        transform=JointTransform(size=(d.target_w, d.target_h), norm=d.norm,
-                                                 resize_label=False))
-    return {"source": src, "target": tgt, "val": val}
+                        labels=bool(d.select_n), transform=JointTransform(size=(d.target_w, d.target_h), **aug))
+    if d.select_n:
+        sel, rest = carve(len(tgt), d.select_n, d.select_seed)
+        out["sel"] = tgt.subset(sel, transform=tgt_eval_t)
+        tgt = tgt.subset(rest, labels=False)
+    out["target"] = tgt
+    out["val"] = build_dataset(d.target, _dir(cfg, "target"), split=d.val_split, num_classes=d.num_classes,
+                               transform=tgt_eval_t)
+    return out
 
 
 def build_segmenter(cfg: Config, device: torch.device) -> nn.Module:
@@ -187,15 +214,20 @@ def restore_checkpoint(state: dict, method) -> int:
 
 @torch.no_grad()
 def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int = 0,
-             progress: bool = False) -> tuple[Scores, list]:
-    """Target-val scores: predict at the target training size, upsample the logits to the
-    label's full size, accumulate one confusion matrix (summed over DDP ranks). Streams: one
-    image at a time, bounded memory. Returns the scores and up to ``mosaic`` triplets of
-    (image, label, prediction) for the prediction mosaic."""
+             progress: bool = False, entropy: bool = False) -> tuple[Scores, list, float | None]:
+    """Scores on a labelled split: predict at the training size, upsample the logits to the
+    label's full size, accumulate one confusion matrix (summed over DDP ranks). Streams one
+    image at a time in bounded memory.
+
+    Returns the scores, up to ``mosaic`` (image, label, prediction) triplets, and with
+    ``entropy`` the mean normalised prediction entropy (a label-free criterion: it reads
+    the softmax, never the labels).
+    """
     model = method.model
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(dataset.num_classes, device=ctx.device, validate=False)
+    ent = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # sum, pixels
     loader = eval_loader(dataset, batch_size=1, rank=ctx.rank, world_size=ctx.world_size,
                          num_workers=min(2, ctx.cfg.run.num_workers))
     triplets = []
@@ -205,10 +237,14 @@ def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int 
 
         it = tqdm(loader, desc="eval", leave=False, unit="img")
     for i, batch in enumerate(it):
-        if max_images and i * ctx.world_size >= max_images:
+        if max_images and i * ctx.world_size + ctx.rank >= max_images:
             break
         b = ctx.to_device(batch)
         logits = method.predict(b["image"])
+        if entropy:
+            logp = torch.log_softmax(logits.float(), dim=1)
+            h = -(logp.exp() * logp).sum(1) / math.log(logits.shape[1])
+            ent += torch.stack([h.sum().double(), torch.tensor(h.numel(), dtype=torch.float64, device=h.device)])
         pred = upsample_logits(logits, b["label"].shape[-2:]).argmax(1)
         cm.update(pred, b["label"])
         if len(triplets) < mosaic:
@@ -216,8 +252,67 @@ def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int 
     matrix = cm.matrix
     if ctx.world_size > 1:
         dist.all_reduce(matrix)
+        dist.all_reduce(ent)
     model.train(was_training)
-    return summarize(matrix, str(dataset.num_classes)), triplets
+    mean_entropy = (ent[0] / ent[1]).item() if entropy and ent[1] > 0 else None
+    return summarize(matrix, str(dataset.num_classes)), triplets, mean_entropy
+
+
+def evaluate_all(method, data: dict, ctx: Context, *, mosaic: int = 0) -> tuple[dict, Scores, list]:
+    """Every evaluation of a checkpoint, by prefix: ``val/`` (the reported split, per class),
+    ``sel/`` (the selection split, what studies choose on), ``tgt/entropy`` (label-free, on
+    the selection images) and ``src/`` (label-free w.r.t. the target: held-out source)."""
+    run = ctx.cfg.run
+    if ctx.world_size > 1:
+        sync_buffers(method, ctx.world_size)
+    scores, triplets, _ = evaluate(method, data["val"], ctx, max_images=run.max_val_images, mosaic=mosaic)
+    metrics = scores.as_dict("val/")
+    if "sel" in data:
+        sel, _, ent = evaluate(method, data["sel"], ctx, entropy=True)
+        metrics.update(sel.as_dict("sel/", per_class=False))
+        metrics["tgt/entropy"] = ent
+    if "src_val" in data:
+        src, _, _ = evaluate(method, data["src_val"], ctx)
+        metrics.update(src.as_dict("src/", per_class=False))
+    return metrics, scores, triplets
+
+
+# --- multi-worker (DDP) -----------------------------------------------------------------------
+# Methods own their steps and call several backward passes and optimizers per iteration
+# (segmenter and discriminators), so instead of wrapping modules in DDP the engine averages
+# gradients in a step pre-hook on every optimizer: the methods run unchanged on one process
+# or many, and every optimizer's parameters stay identical across ranks.
+
+def _average_grads(params: list, world: int) -> None:
+    for p in params:
+        if p.grad is None:  # keep the flattened layout identical on every rank
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def distribute(method, world: int) -> None:
+    """Make a method's optimizers average gradients over the ranks before each step, and
+    start every rank from rank 0's weights."""
+    for so in method.optimizers().values():
+        params = [p for g in so.optimizer.param_groups for p in g["params"]]
+        so.optimizer.register_step_pre_hook(lambda opt, args, kwargs, ps=params: _average_grads(ps, world))
+    for m in method.modules().values():
+        for t in [*m.parameters(), *m.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def sync_buffers(method, world: int) -> None:
+    """Average BatchNorm running statistics over ranks (each rank saw its own batches)."""
+    for m in method.modules().values():
+        for name, buf in m.named_buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf.data)
+                buf.data /= world
 
 
 def mosaic_png(triplets, path: Path, *, norm: str, num_classes: int) -> Path:
@@ -302,8 +397,6 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = METHODS[cfg.method](cfg, model, ctx)
-    if world > 1:
-        raise NotImplementedError("multi-worker training arrives with the Ray Train integration")
 
     start = 0
     state = resume_from
@@ -311,6 +404,8 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
         state = load_checkpoint_file(checkpoint_path(run_dir))
     if state is not None:
         start = restore_checkpoint(state, method)
+    if world > 1:
+        distribute(method, world)
 
     tracker.log_params(cfg.flat())
     tracker.set_tags(run_tags(cfg, method, data))
@@ -336,13 +431,16 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
             tgt_loader(start * bs * world) if method.needs_target else None, start_step=start)
         scores, metrics = _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker,
                                 progress, on_checkpoint)
-    if scores is None or (iters <= start):
-        scores, triplets = evaluate(method, data["val"], ctx, max_images=cfg.run.max_val_images,
-                                    mosaic=cfg.run.mosaic_images)
-        metrics = {**metrics, **scores.as_dict("val/")}
-        _final_reports(cfg, method, scores, triplets, run_dir, tracker, max(iters, start))
-        if rank == 0 and method.trains is False:
-            save_checkpoint(checkpoint_path(run_dir), method, 0, cfg, extra={"metrics": metrics})
+    if scores is None:  # nothing trained here (a method that does not train, or a finished run)
+        metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=cfg.run.mosaic_images)
+        tracker.log_metrics(metrics, step=max(iters, start))
+        _final_reports(cfg, method, scores, triplets, run_dir, tracker)
+        if not method.trains:
+            path = checkpoint_path(run_dir)
+            if rank == 0:
+                save_checkpoint(path, method, 0, cfg, extra={"metrics": metrics})
+            if on_checkpoint is not None:
+                on_checkpoint(path, {"step": 0, **metrics})
     return RunResult(run_dir, max(iters, start), scores, metrics, time.perf_counter() - t_start)
 
 
@@ -389,13 +487,13 @@ def _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker
         last = done == iters
         do_eval = last or (run.eval_every and done % run.eval_every == 0)
         if do_eval:
-            scores, triplets = evaluate(method, data["val"], ctx, max_images=run.max_val_images,
-                                        mosaic=run.mosaic_images if last else 0)
-            metrics = scores.as_dict("val/")
+            metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=run.mosaic_images if last else 0)
             tracker.log_metrics(metrics, step=done)
             if last:
-                _final_reports(cfg, method, scores, triplets, run_dir, tracker, done)
+                _final_reports(cfg, method, scores, triplets, run_dir, tracker)
         if last or (run.checkpoint_every and done % run.checkpoint_every == 0):
+            if ctx.world_size > 1 and not do_eval:
+                sync_buffers(method, ctx.world_size)
             if ctx.rank == 0:
                 path = save_checkpoint(checkpoint_path(run_dir), method, done, cfg, extra={"metrics": metrics})
             else:
@@ -407,7 +505,7 @@ def _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker
     return scores, metrics
 
 
-def _final_reports(cfg, method, scores, triplets, run_dir, tracker, step) -> None:
+def _final_reports(cfg, method, scores, triplets, run_dir, tracker) -> None:
     if method.ctx.rank != 0:
         return
     table = run_dir / "iou_per_class.csv"

@@ -17,6 +17,7 @@ position in the run, not on which worker process read it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -119,6 +120,18 @@ class SegDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def subset(self, indices, *, transform: JointTransform | None = None, labels: bool | None = None):
+        """A view of some samples (same root, label map and checks), optionally with another
+        transform, or without labels (``labels=False``)."""
+        new = copy.copy(self)
+        new.samples = [self.samples[i] for i in indices]
+        if transform is not None:
+            new.transform = transform
+        if labels is False:
+            new.samples = [(img, None) for img, _ in new.samples]
+            new.with_labels = False
+        return new
 
     def relname(self, i: int) -> str:
         return str(self.samples[i][0].relative_to(self.root))
