@@ -122,6 +122,24 @@ def _cmd_bench_step(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from .study import load_study, run_study
+
+    study = load_study(args.study)
+    return run_study(study, smoke_test=args.smoke_test, address=args.address, storage_path=args.storage_path,
+                     tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent, out=args.out)
+
+
+def _cmd_compare(args) -> int:
+    from .compare import compare_study
+
+    result = compare_study(args.study, tracking_uri=args.tracking_uri, out_dir=args.out,
+                           log_to_parent=not args.no_log)
+    print(result.text)
+    print("written: " + ", ".join(str(f) for f in result.files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .data.datasets import DATASETS
@@ -171,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--max-images", type=int, default=0)
     e.set_defaults(func=_cmd_eval)
+
+    from .study import study_arg_parser
+
+    st = sub.add_parser("study", help="run a study (studies/NAME.py) on the current Ray cluster")
+    st.add_argument("study", help="path of the study script")
+    study_arg_parser(st)
+    st.set_defaults(func=_cmd_study)
+
+    cp = sub.add_parser("compare", help="a study's table from MLflow: mean ± std over seeds, Δ, per-class IoU")
+    cp.add_argument("study", help="study name (or its script path)")
+    cp.add_argument("--tracking-uri", default=None)
+    cp.add_argument("--out", default=".", help="folder for the CSV, Parquet and PNG")
+    cp.add_argument("--no-log", action="store_true", help="do not log the table to the study's parent run")
+    cp.set_defaults(func=_cmd_compare)
 
     b = sub.add_parser("bench", help="benchmarks (timings printed, not tests)")
     bsub = b.add_subparsers(dest="bench_command", required=True)

@@ -162,15 +162,18 @@ def poly_lr(base: float, step: int, horizon: int, power: float) -> float:
 
 # --- checkpoints -----------------------------------------------------------------------------
 
+CHECKPOINT_FILE = "last.pt"
+
+
 def checkpoint_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "last.pt"
+    return Path(run_dir) / "checkpoints" / CHECKPOINT_FILE
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
     """A checkpoint by file or run directory (its ``checkpoints/last.pt``)."""
     p = Path(path)
     if p.is_dir():
-        p = checkpoint_path(p)
+        p = p / CHECKPOINT_FILE if (p / CHECKPOINT_FILE).is_file() else checkpoint_path(p)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: checkpoint not found")
     return torch.load(p, map_location="cpu", weights_only=False)

@@ -1,0 +1,258 @@
+"""Tests of uda_ray.compare: the study table read back from a real MLflow SQLite store that holds
+hand-written parent and child runs in the study runner's conventions, with values chosen so that
+means, stds, Δ and the selection gap can be checked by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uda_ray.compare import CLASS_ORDER, compare_study, study_name
+
+STUDY = "quickstart"
+SEARCH_KEYS = ("adaptseg.lambda_adv_main", "optim.lr")
+
+
+def _run(client, exp_id, parent_id, row, seed, metrics, *, status="FINISHED", method=None, search=False,
+         trial="", params=None, tags=None, start=None):
+    from mlflow.entities import Metric, Param, RunTag
+
+    all_tags = {"mlflow.parentRunId": parent_id, "uda_ray.kind": "row", "study": STUDY, "row": row,
+                "seed": str(seed), "trial": trial, "search": "1" if search else "0",
+                "method": method or row, **(tags or {})}
+    rid = client.create_run(exp_id, tags=all_tags, start_time=start).info.run_id
+    p = {"run.seed": str(seed), **(params or {})}
+    # Two steps per metric: the last one is the final value that the table must read.
+    ms = [Metric(k, 0.0, 0, 0) for k in metrics] + [Metric(k, float(v), 0, 1) for k, v in metrics.items()]
+    client.log_batch(rid, metrics=ms, params=[Param(k, v) for k, v in p.items()],
+                     tags=[RunTag("uda_ray.test", "1")])
+    client.set_terminated(rid, status=status)
+    return rid
+
+
+def _m(val, sel, road, light, src=None, ent=None):
+    d = {"val/mIoU": val, "sel/mIoU": sel, "val/IoU/road": road, "val/IoU/traffic_light": light,
+         "val/pixel_acc": 0.9}
+    if src is not None:
+        d["src/mIoU"] = src
+    if ent is not None:
+        d["tgt/entropy"] = ent
+    return d
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating one costs ~6 s): studies quickstart, x, noparent."""
+    import mlflow
+    import optuna
+
+    root = tmp_path_factory.mktemp("compare")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment(STUDY, artifact_location=(root / "artifacts").as_uri())
+
+    # A stale parent from an earlier launch of the same study: the newest one must win.
+    client.create_run(exp, tags={"uda_ray.kind": "study", "study": STUDY, "rows": "stale_row"}, start_time=1000)
+
+    optuna_url = f"sqlite:///{root / 'optuna.db'}"
+    parent = client.create_run(exp, start_time=2000, tags={
+        "uda_ray.kind": "study", "study": STUDY, "baseline": "source_only",
+        "rows": "source_only,adaptseg,adaptseg_search,advent,fda,advent_search",
+        "objective": "sel/mIoU", "objective_mode": "max", "report_metric": "val/mIoU",
+        "search_space.adaptseg_search": ",".join(SEARCH_KEYS),
+        "search_space.advent_search": "advent.lambda_ent",
+        "optuna_storage": optuna_url,
+    }).info.run_id
+    client.set_terminated(parent, "FINISHED")
+    r = lambda *a, **k: _run(client, exp, parent, *a, **k)  # noqa: E731
+
+    # source_only (baseline): val 30/32/34 -> 32.0 ± 2.0; sel 31/33/35 -> 33.0; road 80/82/84 -> 82.0
+    for s, d in enumerate((0.0, 0.02, 0.04)):
+        r("source_only", s, _m(0.30 + d, 0.31 + d, 0.80 + d, 0.10 + d, src=0.60, ent=0.5))
+    # adaptseg: val 33/35/37 -> 35.0 ± 2.0, Δ +3.0; sel 36 each; a FAILED seed with val 99 must not count
+    for s, d in enumerate((0.0, 0.02, 0.04)):
+        r("adaptseg", s, _m(0.33 + d, 0.36, 0.85, 0.20, src=0.55))
+    r("adaptseg", 3, _m(0.99, 0.99, 0.99, 0.99, src=0.99), status="FAILED")
+    # adaptseg_search: two search trials (never averaged), then the best (t1) re-run over 2 seeds:
+    # val 34/35 -> 34.5 ± 0.7071, sel 40/42 -> 41.0 (the best sel of all rows)
+    r("adaptseg_search", 0, _m(0.20, 0.30, 0.5, 0.1, src=0.1), method="adaptseg", search=True, trial="t0",
+      params={SEARCH_KEYS[0]: "0.001", SEARCH_KEYS[1]: "0.01"})
+    r("adaptseg_search", 0, _m(0.90, 0.41, 0.5, 0.1, src=0.1), method="adaptseg", search=True, trial="t1",
+      params={SEARCH_KEYS[0]: "0.0005", SEARCH_KEYS[1]: "0.00025"})
+    for s, v, sel in ((0, 0.34, 0.40), (1, 0.35, 0.42)):
+        r("adaptseg_search", s, _m(v, sel, 0.86, 0.21, src=0.58), method="adaptseg", tags={"best_trial": "t1"},
+          params={SEARCH_KEYS[0]: "0.0005", SEARCH_KEYS[1]: "0.00025"})
+    # advent: one seed -> no std; the best src/mIoU (0.61) of all rows. An older finished run of the
+    # same seed (a relaunch after a config change) is superseded by the latest one.
+    r("advent", 0, _m(0.99, 0.99, 0.99, 0.99, src=0.99), start=1500)
+    r("advent", 0, _m(0.31, 0.30, 0.81, 0.11, src=0.61))
+    # a row dropped from the study file since an earlier launch: its runs are not in the table
+    r("dropped_row", 0, _m(0.9, 0.9, 0.9, 0.9))
+    # fda: only a failed run -> n = 0
+    r("fda", 0, _m(0.5, 0.5, 0.5, 0.5), status="FAILED")
+    # advent_search: search trials only, no re-run yet -> hyperparameters from the trial with the best sel
+    r("advent_search", 0, _m(0.2, 0.25, 0.5, 0.1), method="advent", search=True, trial="a0",
+      params={"advent.lambda_ent": "0.01"})
+    r("advent_search", 0, _m(0.2, 0.27, 0.5, 0.1), method="advent", search=True, trial="a1",
+      params={"advent.lambda_ent": "0.001"})
+
+    # A real Optuna study for adaptseg_search (6 trials, 2 parameters); none for advent_search.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ost = optuna.create_study(study_name=f"{STUDY}.adaptseg_search", storage=optuna_url, direction="maximize",
+                              sampler=optuna.samplers.RandomSampler(seed=0))
+    ost.optimize(lambda t: 10 * t.suggest_float(SEARCH_KEYS[1], 1e-4, 1e-2, log=True) * 100
+                 + 0.01 * t.suggest_float(SEARCH_KEYS[0], 1e-4, 1e-2, log=True), n_trials=6)
+
+    # Study x: only failed runs. Study noparent: an experiment without a study run.
+    exp_x = client.create_experiment("x", artifact_location=(root / "artifacts_x").as_uri())
+    px = client.create_run(exp_x, tags={"uda_ray.kind": "study", "study": "x", "rows": "a,b",
+                                        "baseline": "a"}).info.run_id
+    _run(client, exp_x, px, "a", 0, _m(0.3, 0.3, 0.3, 0.3), status="FAILED", method="source_only")
+    client.create_experiment("noparent", artifact_location=(root / "artifacts_np").as_uri())
+    return {"uri": uri, "client": client, "parent": parent, "root": root, "optuna_url": optuna_url}
+
+
+@pytest.fixture(scope="module")
+def result(store):
+    return compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "out")
+
+
+def _row(result, name):
+    t = result.table
+    return t[t["row"] == name].iloc[0]
+
+
+def test_mean_std_n_delta_on_hand_case(result):
+    t = result.table
+    assert list(t["row"]) == ["source_only", "adaptseg", "adaptseg_search", "advent", "fda", "advent_search"]
+    assert "not in the study's current rows are not shown: dropped_row" in result.text
+    so, ad, se, av = (_row(result, n) for n in ("source_only", "adaptseg", "adaptseg_search", "advent"))
+    assert so["n"] == 3 and so["mIoU"] == pytest.approx(32.0) and so["mIoU_std"] == pytest.approx(2.0)
+    assert so["delta"] == 0.0 and so["sel_mIoU"] == pytest.approx(33.0)
+    assert so["IoU/road"] == pytest.approx(82.0) and so["IoU/traffic_light"] == pytest.approx(12.0)
+    assert ad["mIoU"] == pytest.approx(35.0) and ad["mIoU_std"] == pytest.approx(2.0)
+    assert ad["delta"] == pytest.approx(3.0) and ad["sel_mIoU"] == pytest.approx(36.0)
+    assert se["n"] == 2 and se["mIoU"] == pytest.approx(34.5) and se["mIoU_std"] == pytest.approx(math.sqrt(0.5))
+    assert se["delta"] == pytest.approx(2.5) and se["method"] == "adaptseg"
+    assert av["n"] == 1 and math.isnan(av["mIoU_std"]) and av["delta"] == pytest.approx(-1.0)
+    assert "advent seed 0: several finished runs, the latest" in result.text
+    # per-class columns in Cityscapes order, not alphabetical
+    assert [c for c in t.columns if c.startswith("IoU/")] == ["IoU/road", "IoU/traffic_light"]
+    lines = result.text.splitlines()
+    assert lines[0] == "study quickstart: target-val mIoU (%), mean ± std over seeds; Δ vs source_only"
+    so_line = next(ln for ln in lines if ln.startswith("source_only "))
+    assert "32.0 ± 2.0" in so_line and "—" in so_line
+    assert "+3.0" in next(ln for ln in lines if ln.startswith("adaptseg "))
+    assert "-1.0" in next(ln for ln in lines if ln.startswith("advent "))
+
+
+def test_failed_run_excluded_and_counted(result):
+    ad, fda = _row(result, "adaptseg"), _row(result, "fda")
+    assert ad["n"] == 3 and ad["n_failed"] == 1 and ad["mIoU"] == pytest.approx(35.0)
+    assert fda["n"] == 0 and fda["n_failed"] == 1 and math.isnan(fda["mIoU"]) and math.isnan(fda["delta"])
+    failed_line = next(ln for ln in result.text.splitlines() if ln.startswith("failed runs"))
+    assert "adaptseg seed 3" in failed_line and "fda seed 0" in failed_line
+
+
+def test_search_row_best_hyperparameters(result):
+    # from the search=0 re-runs' params (trial t0's values never show)
+    assert _row(result, "adaptseg_search")["best_hparams"] == "adaptseg.lambda_adv_main=0.0005, optim.lr=0.00025"
+    # no re-run yet: the best search trial by the objective (sel 0.27 > 0.25)
+    fallback = _row(result, "advent_search")
+    assert fallback["n"] == 0 and fallback["best_hparams"] == "advent.lambda_ent=0.001"
+    assert _row(result, "adaptseg")["best_hparams"] == ""
+    assert "advent_search: not re-run over seeds yet" in result.text
+
+
+def test_selection_check_gap(result):
+    s = result.selection
+    # sel/mIoU picks adaptseg_search (41.0) but adaptseg is best on val (35.0 vs 34.5)
+    assert (s["criterion"], s["mode"], s["picked"], s["best"]) == ("sel/mIoU", "max", "adaptseg_search", "adaptseg")
+    assert s["picked_report"] == pytest.approx(34.5) and s["best_report"] == pytest.approx(35.0)
+    assert s["gap"] == pytest.approx(0.5, abs=1e-9) and s["gap"] > 0
+    # src/mIoU is on every finished row: it picks advent (31.0), gap 4.0; tgt/entropy is not, so no check
+    assert set(s["label_free"]) == {"src/mIoU"}
+    lf = s["label_free"]["src/mIoU"]
+    assert (lf["picked"], lf["best"]) == ("advent", "adaptseg") and lf["gap"] == pytest.approx(4.0)
+    assert ("honest selection: sel/mIoU (max) picks adaptseg_search (34.5 val/mIoU); "
+            "best on val/mIoU is adaptseg (35.0): gap 0.5 points") in result.text
+
+
+def test_files_and_parquet_roundtrip(result, store):
+    import pandas as pd
+
+    out = store["root"] / "out"
+    names = {p.name for p in result.files}
+    assert names == {f"{STUDY}_compare.csv", f"{STUDY}_compare.parquet", f"{STUDY}_compare.png",
+                     f"{STUDY}_importances.csv"}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in result.files)
+    assert (out / f"{STUDY}_compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pq = pd.read_parquet(out / f"{STUDY}_compare.parquet")
+    pd.testing.assert_frame_equal(pq, result.table)
+    assert pq["mIoU"].dtype == "float64" and pq["n"].dtype == "int64"
+    csv = pd.read_csv(out / f"{STUDY}_compare.csv")
+    assert list(csv.columns) == list(result.table.columns)
+    assert csv.loc[csv["row"] == "adaptseg", "delta"].item() == pytest.approx(3.0)
+
+
+def test_artifacts_logged_to_parent(result, store):
+    arts = store["client"].list_artifacts(store["parent"], "compare")
+    assert {Path(a.path).name for a in arts} == {p.name for p in result.files}
+
+
+def test_importances_from_optuna_study(result, store):
+    import optuna
+
+    assert set(result.importances) == {"adaptseg_search"}   # advent_search has no Optuna study
+    imp = result.importances["adaptseg_search"]
+    expected = optuna.importance.get_param_importances(
+        optuna.load_study(study_name=f"{STUDY}.adaptseg_search", storage=store["optuna_url"]))
+    assert set(imp) == set(SEARCH_KEYS) and sum(imp.values()) == pytest.approx(1.0)
+    assert imp == pytest.approx(dict(expected))
+    assert "hyperparameter importance, adaptseg_search:" in result.text
+    assert "no Optuna study 'quickstart.advent_search'" in result.text
+
+
+def test_unknown_study_error(store, tmp_path):
+    with pytest.raises(ValueError) as e:
+        compare_study("nosuch", tracking_uri=store["uri"], out_dir=tmp_path, log_to_parent=False)
+    msg = str(e.value)
+    assert "'nosuch'" in msg and store["uri"] in msg and "uda-ray study" in msg
+    with pytest.raises(ValueError, match="no study run") as e:
+        compare_study("noparent", tracking_uri=store["uri"], out_dir=tmp_path, log_to_parent=False)
+    assert store["uri"] in str(e.value)
+    # no store at all: an error, and no empty store created as a side effect
+    missing = tmp_path / "none.db"
+    with pytest.raises(ValueError, match="uda-ray study"):
+        compare_study("quickstart", tracking_uri=f"sqlite:///{missing}", out_dir=tmp_path)
+    assert not missing.exists()
+
+
+def test_study_path_resolves_to_stem_and_no_finished_runs(store, tmp_path):
+    assert study_name("studies/x.py") == "x" and study_name("quickstart") == "quickstart"
+    res = compare_study("studies/x.py", tracking_uri=store["uri"], out_dir=tmp_path, log_to_parent=False)
+    assert list(res.table["row"]) == ["a", "b"] and list(res.table["n"]) == [0, 0]
+    assert list(res.table["n_failed"]) == [1, 0] and res.selection == {}
+    assert "no finished runs in study 'x' yet (1 failed)" in res.text
+    assert (tmp_path / "x_compare.png").is_file() and not (tmp_path / "x_importances.csv").exists()
+
+
+def test_class_order_matches_labels():
+    # uda_ray.data.labels itself needs only numpy; load it without uda_ray.data (which pulls in torch).
+    path = Path(__file__).parents[1] / "uda_ray" / "data" / "labels.py"
+    spec = importlib.util.spec_from_file_location("_labels", path)
+    labels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(labels)
+    assert CLASS_ORDER == tuple(c.replace(" ", "_") for c in labels.CLASSES_19)
+
+
+def test_import_is_light():
+    code = ("import sys, uda_ray.compare; "
+            "bad = [m for m in ('mlflow', 'pandas', 'matplotlib', 'optuna') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

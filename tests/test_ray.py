@@ -1,0 +1,92 @@
+"""Ray Train and Tune on a real local 2-node Ray cluster (one CPU per node)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import trees
+from test_engine import tiny_cfg
+from uda_ray.engine import checkpoint_path, fit
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    trees.gta5_tree(root / "gta5", n=6, w=72, h=40)
+    trees.cityscapes_tree(root / "cityscapes", split="train", cities=("aachen", "bochum", "bremen"), w=64, h=32)
+    trees.cityscapes_tree(root / "cityscapes", split="val", cities=("frankfurt", "lindau"), w=64, h=32)
+    return root
+
+
+def _model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["modules"]
+
+
+def test_two_workers_take_the_step_of_one_worker_with_the_doubled_batch(cluster, data_root, tmp_path):
+    from uda_ray.distributed import run_trainer
+
+    # Frozen BN: batch statistics would otherwise differ between 2 x 1 and 1 x 2 images.
+    common = {"model.bn": "frozen", "run.iterations": 2, "data.select_n": 1}
+    one = fit(tiny_cfg(data_root, tmp_path, "adaptseg", **{**common, "data.batch_size": 2, "run.name": "one"}))
+    flat = tiny_cfg(data_root, tmp_path, "adaptseg", **{**common, "data.batch_size": 1, "run.name": "two"}).flat()
+    result = run_trainer(flat, run_dir=str(tmp_path / "runs" / "two"), name="ddp", num_workers=2,
+                         cpus_per_worker=0.5, storage_path=str(tmp_path / "storage"))
+    assert result.error is None
+    a = _model_state(checkpoint_path(one.run_dir))
+
+    b = _model_state(os.path.join(result.checkpoint.path, "last.pt"))
+    for name in a:  # the segmenter and both discriminators
+        # float32 sums in another order. Segmenter (SGD): 1e-5 relative, 1e-6 absolute; its
+        # step is linear in the gradient, so it pins the averaging (a sum over the ranks
+        # instead of a mean would double it). Discriminators (Adam): Adam divides each
+        # gradient element by its own magnitude, which turns reduction-order noise in
+        # near-zero elements into up to a fraction of a step; bound: 5% of one Adam step per
+        # iteration (a wrong gradient moves weights by whole steps).
+        atol = 1e-6 if name == "model" else 0.05 * 1e-4 * 2
+        for k, v in a[name].items():
+            if v.is_floating_point():
+                torch.testing.assert_close(b[name][k], v, rtol=1e-5, atol=atol)
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint(cluster, data_root, tmp_path):
+    from uda_ray.distributed import KILL_ENV, run_trainer
+
+    values = {"run.iterations": 4, "run.checkpoint_every": 2, "run.name": "ref"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray worker (1 CPU): same float reduction order
+    try:
+        ref = fit(tiny_cfg(data_root, tmp_path, "source_only", **values))
+    finally:
+        torch.set_num_threads(threads)
+    flat = tiny_cfg(data_root, tmp_path, "source_only", **{**values, "run.name": "killed"}).flat()
+    run_dir = tmp_path / "runs" / "killed"
+    result = run_trainer(flat, run_dir=str(run_dir), name="kill", num_workers=1, max_failures=1,
+                         storage_path=str(tmp_path / "storage"), env={KILL_ENV: "2"})
+    assert result.error is None
+    assert (run_dir / ".killed-once").exists()  # the worker really died at step 2
+    assert result.metrics["step"] == 4
+    a = _model_state(checkpoint_path(ref.run_dir))["model"]
+    b = _model_state(os.path.join(result.checkpoint.path, "last.pt"))["model"]
+    for k in a:  # resumed at step 2 from the checkpoint: identical to the uninterrupted run
+        assert torch.equal(a[k], b[k]), k

@@ -1,0 +1,526 @@
+"""``uda-ray compare STUDY``: a study's table printed the way UDA papers print ablation tables,
+read from MLflow alone (the study runner's parent run and its child runs).
+
+One line per row: the finished seeds' mean ± sample std of the reported target-val mIoU (in %),
+Δ against the baseline row in points, the selection-split mIoU, failed runs (counted and listed,
+never averaged), per-class IoU, and the best hyperparameters of search rows. Below the table, the
+honest-selection check: the row that the objective (a split disjoint from val) would pick against
+the best row on the reported metric, the gap being what picking on val would overstate.
+
+``mlflow``, ``pandas``, ``matplotlib`` and ``optuna`` are imported inside the functions, so that
+importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_OBJECTIVE = "sel/mIoU"
+DEFAULT_REPORT = "val/mIoU"
+SEL_METRIC = "sel/mIoU"
+# Label-free model-selection criteria the runner may log, with the direction that is "better".
+LABEL_FREE = (("src/mIoU", "max"), ("tgt/entropy", "min"))
+# Column order of per-class IoU: the Cityscapes 19-class order (uda_ray.data.labels.CLASSES_19, spaces
+# as '_' the way the tracker logs them). Not imported from there: uda_ray.data pulls in torch.
+CLASS_ORDER = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+    "bicycle",
+)
+_FAILED = ("FAILED", "KILLED")
+_DASH = "—"
+
+
+@dataclass
+class CompareResult:
+    """What ``compare_study`` found and wrote.
+
+    Args:
+        table: one line per row, numeric columns (mIoU etc. in %, Δ in points).
+        text: the fixed-width table, the selection check and notes, ready to print.
+        files: the files written in ``out_dir`` (CSV, Parquet, PNG, importances CSV if any).
+        importances: ``{row: {param: importance}}`` for search rows with >= 2 completed Optuna trials.
+        selection: the honest-selection check (see ``compare_study``).
+    """
+
+    table: "pandas.DataFrame"  # noqa: F821 (imported lazily)
+    text: str
+    files: list[Path] = field(default_factory=list)
+    importances: dict[str, dict[str, float]] = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    run_id: str
+    status: str
+    start_time: int
+    row: str
+    seed: str
+    trial: str
+    search: bool
+    method: str
+    metrics: dict
+    params: dict
+    tags: dict
+
+
+def study_name(study: str | Path) -> str:
+    """``studies/quickstart.py`` (or any path) -> ``quickstart``; a plain name is kept as is."""
+    s = str(study)
+    if s.endswith(".py") or "/" in s or "\\" in s:
+        return Path(s).stem
+    return s
+
+
+def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir: str | Path = ".",
+                  log_to_parent: bool = True) -> CompareResult:
+    """Build the ablation table of ``study`` from MLflow and write it next to a bar chart.
+
+    Args:
+        study: the study name, or the path of its study file (the name is the file stem).
+        tracking_uri: MLflow tracking URI; None keeps MLflow's default (``sqlite:///mlflow.db``).
+        out_dir: folder for ``<study>_compare.{csv,parquet,png}`` and ``<study>_importances.csv``.
+        log_to_parent: also log these files as artifacts of the study's parent run, under ``compare/``.
+
+    Returns:
+        A ``CompareResult``. ``selection`` holds ``criterion``, ``mode``, ``picked`` (the row with
+        the best mean objective), ``picked_report`` (its mean reported metric, %), ``best`` (the row
+        with the best mean reported metric), ``best_report`` and ``gap = best_report - picked_report``
+        (points); ``selection["label_free"]`` holds the same for each label-free criterion
+        (``src/mIoU`` max, ``tgt/entropy`` min) logged on every row that has finished runs.
+
+    Raises:
+        ValueError: no experiment or no study run named ``study`` in the store.
+    """
+    import mlflow
+
+    name = study_name(study)
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    _check_sqlite_exists(uri, name)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage != "active":
+        raise ValueError(_unknown(name, uri, f"no MLflow experiment {name!r}"))
+    parent = _find_parent(client, exp.experiment_id, name)
+    if parent is None:
+        raise ValueError(_unknown(name, uri, f"experiment {name!r} has no study run (tag uda_ray.kind=study)"))
+    runs = _children(client, exp.experiment_id, parent.info.run_id)
+
+    tags = parent.data.tags
+    notes: list[str] = []
+    spec = _spec(tags, runs, notes)
+    rows = _aggregate(spec, runs, notes)
+    table = _table(spec, rows)
+    selection = _selection(spec, rows)
+    importances = _importances(name, spec, notes)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"{name}_compare.csv", out / f"{name}_compare.parquet", out / f"{name}_compare.png"]
+    table.to_csv(files[0], index=False)
+    table.to_parquet(files[1], index=False)
+    _plot(name, spec, table, files[2])
+    if importances:
+        files.append(_write_importances(importances, out / f"{name}_importances.csv"))
+    if log_to_parent:
+        for f in files:
+            client.log_artifact(parent.info.run_id, str(f), artifact_path="compare")
+
+    text = _render(name, spec, rows, table, selection, importances, notes)
+    return CompareResult(table=table, text=text, files=files, importances=importances, selection=selection)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading MLflow
+# --------------------------------------------------------------------------------------------
+def _unknown(name: str, uri: str, why: str) -> str:
+    return (f"unknown study {name!r} at tracking URI {uri}: {why}; run `uda-ray study` for it first "
+            f"(or pass the tracking URI it logged to)")
+
+
+def _check_sqlite_exists(uri: str, name: str) -> None:
+    # MLflow would create an empty store (and a stray mlflow.db) for a path that does not exist.
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise ValueError(_unknown(name, uri, f"there is no MLflow store at {path}"))
+
+
+def _search_all(client, exp_id: str, filter_string: str, order_by: list[str] | None = None):
+    token = None
+    while True:
+        page = client.search_runs([exp_id], filter_string, max_results=1000, order_by=order_by,
+                                  page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _find_parent(client, exp_id: str, name: str):
+    # Most recent first: a study re-run starts a new parent run, and the table is the latest one's.
+    for run in _search_all(client, exp_id, "tags.`uda_ray.kind` = 'study'",
+                           order_by=["attributes.start_time DESC"]):
+        if run.data.tags.get("study", name) == name:
+            return run
+    return None
+
+
+def _children(client, exp_id: str, parent_id: str) -> list[_Run]:
+    out = []
+    for r in _search_all(client, exp_id, f"tags.mlflow.parentRunId = '{parent_id}'",
+                         order_by=["attributes.start_time ASC"]):
+        t = r.data.tags
+        out.append(_Run(run_id=r.info.run_id, status=r.info.status, start_time=r.info.start_time or 0,
+                        row=t.get("row", ""), seed=t.get("seed", ""), trial=t.get("trial", ""),
+                        search=t.get("search", "0") == "1", method=t.get("method", ""),
+                        metrics=dict(r.data.metrics), params=dict(r.data.params), tags=dict(t)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Spec:
+    rows: list[str]
+    baseline: str
+    objective: str
+    mode: str
+    report: str
+    search_space: dict[str, list[str]]
+    storage: str
+
+    @property
+    def split(self) -> str:            # "val" of "val/mIoU"
+        return self.report.split("/")[0] if "/" in self.report else self.report
+
+    @property
+    def report_col(self) -> str:       # "mIoU" of "val/mIoU"
+        return self.report.rsplit("/", 1)[-1]
+
+    @property
+    def iou_prefix(self) -> str:       # "val/IoU/"
+        return f"{self.split}/IoU/"
+
+
+def _split_list(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
+def _spec(tags: dict, runs: list[_Run], notes: list[str]) -> _Spec:
+    rows = _split_list(tags.get("rows"))
+    seen = list(dict.fromkeys(r.row for r in runs if r.row))
+    if not rows:
+        rows = seen
+    elif extra := [r for r in seen if r not in rows]:
+        # The runner reuses the parent run when a study is launched again: rows dropped from the
+        # study file keep their old runs, but they are not part of the table any more.
+        notes.append(f"runs of rows not in the study's current rows are not shown: {', '.join(extra)}")
+    mode = tags.get("objective_mode", "max") or "max"
+    if mode not in ("max", "min"):
+        notes.append(f"objective_mode {mode!r} is neither max nor min; using max")
+        mode = "max"
+    space = {k[len("search_space."):]: _split_list(v) for k, v in tags.items() if k.startswith("search_space.")}
+    spec = _Spec(rows=rows, baseline=tags.get("baseline", "") or "",
+                 objective=tags.get("objective", "") or DEFAULT_OBJECTIVE, mode=mode,
+                 report=tags.get("report_metric", "") or DEFAULT_REPORT, search_space=space,
+                 storage=tags.get("optuna_storage", "") or "")
+    if spec.baseline and spec.baseline not in spec.rows:
+        notes.append(f"baseline {spec.baseline!r} is not a row of the study: no Δ column")
+        spec.baseline = ""
+    return spec
+
+
+@dataclass
+class _Row:
+    name: str
+    method: str
+    finished: list[_Run]
+    failed: list[_Run]
+    hparams: dict[str, str]
+    is_search: bool
+
+    def values(self, key: str) -> list[float]:
+        return [r.metrics[key] for r in self.finished if key in r.metrics and math.isfinite(r.metrics[key])]
+
+    def mean(self, key: str, scale: float = 1.0) -> float:
+        v = self.values(key)
+        return scale * statistics.fmean(v) if v else math.nan
+
+    def std(self, key: str, scale: float = 1.0) -> float:
+        v = self.values(key)            # sample std (ddof=1), undefined for one seed
+        return scale * statistics.stdev(v) if len(v) >= 2 else math.nan
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def _aggregate(spec: _Spec, runs: list[_Run], notes: list[str]) -> list[_Row]:
+    out = []
+    for name in spec.rows:
+        mine = [r for r in runs if r.row == name]
+        seeds = [r for r in mine if not r.search]          # search trials are never averaged
+        trials = [r for r in mine if r.search]
+        finished: dict[str, _Run] = {}
+        for r in seeds:                                     # ascending start time: the latest wins
+            if r.status == "FINISHED":
+                key = r.seed or r.run_id
+                if key in finished:
+                    notes.append(f"{name} seed {r.seed}: several finished runs, the latest ({r.run_id[:8]}) kept")
+                finished[key] = r
+        failed = [r for r in seeds if r.status in _FAILED]
+        running = [r for r in seeds if r.status not in _FAILED and r.status != "FINISHED"]
+        if running:
+            notes.append(f"{name}: {len(running)} run(s) not finished yet ({running[0].status}), not counted")
+        methods = list(dict.fromkeys(r.method for r in mine if r.method))
+        is_search = name in spec.search_space or bool(trials)
+        hp = _best_hparams(name, spec, seeds, trials, notes) if is_search else {}
+        out.append(_Row(name=name, method=",".join(methods), finished=list(finished.values()), failed=failed,
+                        hparams=hp, is_search=is_search))
+    return out
+
+
+def _best_hparams(name: str, spec: _Spec, seeds: list[_Run], trials: list[_Run], notes: list[str]) -> dict:
+    keys = spec.search_space.get(name, [])
+    if not keys:
+        return {}
+    src = seeds
+    if not src:
+        done = [t for t in trials if t.status == "FINISHED" and math.isfinite(t.metrics.get(spec.objective, math.nan))]
+        if not done:
+            return {}
+        best = done[0]
+        for t in done[1:]:
+            if _better(t.metrics[spec.objective], best.metrics[spec.objective], spec.mode):
+                best = t
+        notes.append(f"{name}: not re-run over seeds yet; best hyperparameters from search trial "
+                     f"{best.trial or best.run_id[:8]} ({spec.objective} {best.metrics[spec.objective]:.4g})")
+        src = [best]
+    hp = {}
+    for k in keys:
+        vals = list(dict.fromkeys(r.params[k] for r in src if k in r.params))
+        hp[k] = "|".join(vals)           # one value expected; several would show as a|b
+    return hp
+
+
+def _classes(spec: _Spec, rows: list[_Row]) -> list[str]:
+    names = {k[len(spec.iou_prefix):] for row in rows for r in row.finished for k in r.metrics
+             if k.startswith(spec.iou_prefix)}
+    order = {c: i for i, c in enumerate(CLASS_ORDER)}
+    return sorted(names, key=lambda c: (order.get(c, len(order)), c))
+
+
+def _table(spec: _Spec, rows: list[_Row]):
+    import pandas as pd
+
+    classes = _classes(spec, rows)
+    m13 = f"{spec.split}/mIoU13"
+    has13 = any(m13 in r.metrics for row in rows for r in row.finished)
+    base = next((r for r in rows if r.name == spec.baseline), None)
+    base_mean = base.mean(spec.report, 100) if base else math.nan
+    col = spec.report_col
+    records = []
+    for row in rows:
+        mean = row.mean(spec.report, 100)
+        rec = {"row": row.name, "method": row.method, "n": len(row.finished), col: mean,
+               f"{col}_std": row.std(spec.report, 100),
+               "delta": mean - base_mean if spec.baseline else math.nan,
+               "sel_mIoU": row.mean(SEL_METRIC, 100), "n_failed": len(row.failed)}
+        if has13:
+            rec["mIoU13"] = row.mean(m13, 100)
+        for c in classes:
+            rec[f"IoU/{c}"] = row.mean(spec.iou_prefix + c, 100)
+        rec["best_hparams"] = ", ".join(f"{k}={v}" for k, v in row.hparams.items())
+        records.append(rec)
+    cols = ["row", "method", "n", col, f"{col}_std", "delta", "sel_mIoU", "n_failed"]
+    cols += ["mIoU13"] * has13 + [f"IoU/{c}" for c in classes] + ["best_hparams"]
+    df = pd.DataFrame.from_records(records, columns=cols)
+    return df.astype({"n": "int64", "n_failed": "int64"})
+
+
+def _pick(rows: list[_Row], key: str, mode: str, report: str) -> dict | None:
+    cand = [(r, r.mean(key), r.mean(report, 100)) for r in rows if r.finished]
+    cand = [c for c in cand if math.isfinite(c[1]) and math.isfinite(c[2])]
+    if not cand:
+        return None
+    picked = cand[0]
+    for c in cand[1:]:
+        if _better(c[1], picked[1], mode):
+            picked = c
+    best = cand[0]
+    for c in cand[1:]:
+        if c[2] > best[2]:
+            best = c
+    return {"criterion": key, "mode": mode, "picked": picked[0].name, "picked_value": picked[1],
+            "picked_report": picked[2], "best": best[0].name, "best_report": best[2],
+            "gap": best[2] - picked[2]}
+
+
+def _selection(spec: _Spec, rows: list[_Row]) -> dict:
+    sel = _pick(rows, spec.objective, spec.mode, spec.report) or {}
+    done = [r for r in rows if r.finished]
+    label_free = {}
+    for key, mode in LABEL_FREE:
+        if done and all(r.values(key) for r in done):
+            label_free[key] = _pick(rows, key, mode, spec.report)
+    if label_free:
+        sel["label_free"] = label_free
+    return sel
+
+
+def _importances(name: str, spec: _Spec, notes: list[str]) -> dict[str, dict[str, float]]:
+    rows = [r for r in spec.rows if r in spec.search_space]
+    if not rows:
+        return {}
+    if not spec.storage:
+        notes.append("no optuna_storage tag on the study run: no hyperparameter importances")
+        return {}
+    if spec.storage.startswith("sqlite:///") and not Path(spec.storage[len("sqlite:///"):]).is_file():
+        # optuna.load_study would create an empty database there.
+        notes.append(f"Optuna storage {spec.storage} not found: no hyperparameter importances")
+        return {}
+    import optuna
+    from optuna.trial import TrialState
+
+    out = {}
+    for row in rows:
+        sname = f"{name}.{row}"
+        try:
+            st = optuna.load_study(study_name=sname, storage=spec.storage)
+        except KeyError:
+            notes.append(f"{row}: no Optuna study {sname!r} in {spec.storage}")
+            continue
+        n = len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if n < 2:
+            notes.append(f"{row}: {n} completed Optuna trial(s), importances need 2")
+            continue
+        if len(st.directions) > 1:
+            notes.append(f"{row}: multi-objective Optuna study, importances not computed")
+            continue
+        try:
+            imp = optuna.importance.get_param_importances(st)
+        except (ValueError, RuntimeError) as e:   # e.g. a single distinct configuration
+            notes.append(f"{row}: importances failed: {e}")
+            continue
+        out[row] = {k: float(v) for k, v in imp.items()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def _write_importances(importances: dict, path: Path) -> Path:
+    import pandas as pd
+
+    recs = [{"row": row, "param": k, "importance": v}
+            for row, imp in importances.items() for k, v in sorted(imp.items(), key=lambda kv: -kv[1])]
+    pd.DataFrame.from_records(recs, columns=["row", "param", "importance"]).to_csv(path, index=False)
+    return path
+
+
+def _plot(name: str, spec: _Spec, table, path: Path) -> None:
+    # The Agg canvas directly: no pyplot global state, no GUI backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    col = spec.report_col
+    n = len(table)
+    fig = Figure(figsize=(max(4.0, 1.1 * n + 1.5), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    means = [0.0 if math.isnan(v) else v for v in table[col]]
+    stds = list(table[f"{col}_std"])    # NaN (one seed): no error bar
+    colors = ["tab:orange" if r == spec.baseline else "tab:blue" for r in table["row"]]
+    x = list(range(n))
+    ax.bar(x, means, yerr=stds, capsize=4, color=colors, edgecolor="black", linewidth=0.5)
+    ends = [m + (0.0 if math.isnan(s) else s) for m, s in zip(means, stds)]
+    top = max(ends + [1.0])
+    for i, (m, e, k) in enumerate(zip(table[col], ends, table["n"])):
+        ax.text(i, e + 0.01 * top, f"{m:.1f}" if k else "n=0", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, list(table["row"]), rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, top * 1.25)         # headroom for the labels and the legend
+    ax.set_ylabel(f"target-{spec.split} {col} (%)")
+    ax.set_title(f"{name}: mean ± std over seeds", fontsize=10)
+    if spec.baseline:
+        ax.legend(handles=[Patch(facecolor="tab:orange", edgecolor="black", label=f"baseline ({spec.baseline})")],
+                  fontsize=8, loc="upper right", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _f(v: float, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:+.1f}" if signed else f"{v:.1f}"
+
+
+def _grid(header: list[str], lines: list[list[str]], right: list[bool]) -> list[str]:
+    w = [max(len(header[j]), *(len(r[j]) for r in lines)) for j in range(len(header))]
+    def fmt(cells):
+        return "  ".join(c.rjust(w[j]) if right[j] else c.ljust(w[j]) for j, c in enumerate(cells)).rstrip()
+    return [fmt(header)] + [fmt(r) for r in lines]
+
+
+def _render(name: str, spec: _Spec, rows: list[_Row], table, selection: dict, importances: dict,
+            notes: list[str]) -> str:
+    col = spec.report_col
+    title = f"study {name}: target-{spec.split} {col} (%), mean ± std over seeds"
+    if spec.baseline:
+        title += f"; Δ vs {spec.baseline}"
+    classes = [c for c in table.columns if c.startswith("IoU/")]
+    has13 = "mIoU13" in table.columns
+    has_hp = any(table["best_hparams"])
+    header = ["row", "method", "n", col] + ["Δ"] * bool(spec.baseline) + ["sel mIoU", "failed"]
+    header += ["mIoU13"] * has13 + [c[len("IoU/"):] for c in classes] + ["best hyperparameters"] * has_hp
+    right = [False, False, True, False] + [True] * bool(spec.baseline) + [True, True]
+    right += [True] * has13 + [True] * len(classes) + [False] * has_hp
+    lines = []
+    for _, t in table.iterrows():
+        if t["n"] == 0:
+            m = _DASH
+        elif math.isnan(t[f"{col}_std"]):
+            m = f"{t[col]:4.1f}"
+        else:
+            m = f"{t[col]:4.1f} ± {t[f'{col}_std']:.1f}"
+        cells = [t["row"], t["method"], str(t["n"]), m]
+        if spec.baseline:
+            cells.append(_DASH if t["row"] == spec.baseline else _f(t["delta"], signed=True))
+        cells += [_f(t["sel_mIoU"]), str(t["n_failed"]) if t["n_failed"] else ""]
+        cells += ([_f(t["mIoU13"])] if has13 else []) + [_f(t[c]) for c in classes]
+        cells += [t["best_hparams"]] if has_hp else []
+        lines.append(cells)
+    out = [title, *_grid(header, lines, right)]
+
+    if not any(r.finished for r in rows):
+        nf = sum(len(r.failed) for r in rows)
+        out.append(f"note: no finished runs in study {name!r} yet ({nf} failed): every row has n = 0")
+    if selection.get("picked"):
+        out.append(_selection_line(f"honest selection: {spec.objective} ({spec.mode})", selection, spec))
+        for key, s in selection.get("label_free", {}).items():
+            out.append(_selection_line(f"label-free {key} ({s['mode']})", s, spec))
+    elif any(r.finished for r in rows):
+        out.append(f"honest selection: {spec.objective} not logged on any finished row: no check")
+    failed = [(row.name, r) for row in rows for r in row.failed]
+    if failed:
+        out.append("failed runs (counted, not averaged): "
+                   + "; ".join(f"{n} seed {r.seed} ({r.status.lower()}, run {r.run_id[:8]})" for n, r in failed))
+    for row, imp in importances.items():
+        out.append(f"hyperparameter importance, {row}: "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in sorted(imp.items(), key=lambda kv: -kv[1])))
+    out += [f"note: {n}" for n in notes]
+    return "\n".join(out)
+
+
+def _selection_line(prefix: str, s: dict, spec: _Spec) -> str:
+    r = spec.report
+    head = f"{prefix} picks {s['picked']} ({s['picked_report']:.1f} {r})"
+    if s["picked"] == s["best"]:
+        return f"{head}, the best row on {r}: gap 0.0 points"
+    return f"{head}; best on {r} is {s['best']} ({s['best_report']:.1f}): gap {s['gap']:.1f} points"

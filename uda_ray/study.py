@@ -1,0 +1,381 @@
+"""Studies: a paper's ablation table or a hyperparameter search as one command.
+
+A study (``studies/NAME.py``) declares a base config, named rows (a method and its
+switches), the seeds of every row and, optionally, a search space per row. Running it:
+
+1. connects to the current Ray cluster (a local one by default);
+2. opens one MLflow parent run for the study (the experiment is the study's name);
+3. runs the rows in dependency order (a row may start from another row's checkpoint of the
+   same seed, e.g. AdaptSegNet from source-only), each row x seed a Tune trial whose driver
+   fits the config with Ray Train and logs one child run;
+4. for a search row, first searches its space with Optuna on the row's first seed, selecting
+   on the study's objective (the selection split by default, never the reported split),
+   then re-runs the best configuration over all seeds;
+5. prints the comparison table (:mod:`uda_ray.compare`).
+
+A failed trial is recorded as FAILED and the other rows go on; running the study again
+skips every row x seed already FINISHED with the same config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import build_config
+
+
+@dataclass
+class Row:
+    """One row of a study's table.
+
+    Args:
+        name: the row's label in the table.
+        method: the method (``source_only``, ``adabn``, ``adaptseg``, ...).
+        set: flat config values of this row over the study's base (switches, weights).
+        init_from: another row whose checkpoint of the same seed starts this row.
+        space: an Optuna define-by-run function ``space(trial) -> dict | None`` over flat
+            keys (e.g. ``trial.suggest_float("adaptseg.lambda_adv_main", 1e-4, 1e-2, log=True)``).
+        num_samples: search trials (with ``space``).
+    """
+
+    name: str
+    method: str
+    set: dict = field(default_factory=dict)
+    init_from: str | None = None
+    space: Callable | None = None
+    num_samples: int = 8
+
+
+@dataclass
+class Study:
+    """A study: a base config, rows, seeds, and how to run and select."""
+
+    name: str
+    rows: list[Row]
+    base: dict = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    baseline: str | None = None
+    objective: str = "sel/mIoU"  # what selection reads: the selection split, not the reported val
+    mode: str = "max"
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 0.9  # the trial's driver takes 0.1
+    gpus_per_worker: float = 0.0  # fractional GPUs share a card between trials
+    max_concurrent: int = 2
+    max_failures: int = 1  # restarts of a trial's worker group from its last checkpoint
+    asha: dict | None = None  # e.g. {"grace_period": 1, "reduction_factor": 2} for search rows
+    smoke: dict = field(default_factory=dict)  # overrides of --smoke-test
+
+    def __post_init__(self):
+        names = [r.name for r in self.rows]
+        if len(set(names)) != len(names):
+            raise ValueError(f"study {self.name}: duplicate row names in {names}")
+        for r in self.rows:
+            if r.init_from and r.init_from not in names:
+                raise ValueError(f"study {self.name}: row {r.name} starts from unknown row {r.init_from!r}")
+            build_config({**self.base, **r.set}, method=r.method)  # fail early, naming the key
+        if self.baseline and self.baseline not in names:
+            raise ValueError(f"study {self.name}: baseline {self.baseline!r} is not a row")
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+    def flat(self, row: Row, seed: int, smoke: bool = False) -> dict:
+        values = {**self.base, **row.set, **(self.smoke if smoke else {}), "run.seed": seed}
+        return build_config(values, method=row.method).flat()
+
+    def stages(self) -> list[list[Row]]:
+        """Rows in dependency order: a row runs after the row it starts from."""
+        done: set[str] = set()
+        stages, left = [], list(self.rows)
+        while left:
+            ready = [r for r in left if not r.init_from or r.init_from in done]
+            if not ready:
+                raise ValueError(f"study {self.name}: circular init_from among {[r.name for r in left]}")
+            stages.append(ready)
+            done |= {r.name for r in ready}
+            left = [r for r in left if r.name not in done]
+        return stages
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """``python studies/NAME.py [--smoke-test] ...`` (same options as ``uda-ray study``)."""
+        args = study_arg_parser().parse_args(argv)
+        return run_study(self, **vars(args))
+
+
+def study_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(description="run a uda-ray study")
+    p.add_argument("--smoke-test", action="store_true", help="tiny iterations, one seed, 2 search trials")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--storage-path", default=None,
+                   help="shared storage for checkpoints and Tune state (default: UDA_RAY_STORAGE or ./runs/ray)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: the study's)")
+    p.add_argument("--out", default="runs", help="local folder for run directories and the compare table")
+    return p
+
+
+def load_study(path: str | Path) -> Study:
+    """The ``STUDY`` object of a study script."""
+    import importlib.util
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: study script not found")
+    spec = importlib.util.spec_from_file_location(f"uda_ray_study_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    study = getattr(module, "STUDY", None)
+    if not isinstance(study, Study):
+        raise ValueError(f"{path}: expected a module-level STUDY = Study(...)")
+    return study
+
+
+def config_hash(flat: dict) -> str:
+    keep = {k: v for k, v in flat.items() if k not in ("run.init_from", "run.out", "run.name")}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --- MLflow bookkeeping (driver side) -------------------------------------------------------
+
+class StudyRecord:
+    """The study's parent run and its child runs in MLflow."""
+
+    def __init__(self, study: Study, name: str, tracking_uri: str | None):
+        import mlflow
+
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        exp = self.client.get_experiment_by_name(name)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.name = name
+        parents = self.client.search_runs([self.experiment_id],
+                                          filter_string=f"tags.`uda_ray.kind` = 'study' and tags.study = '{name}'",
+                                          order_by=["attributes.start_time DESC"], max_results=1)
+        if parents:
+            self.parent_id = parents[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            self.parent_id = self.client.create_run(self.experiment_id, run_name=name,
+                                                    tags={"uda_ray.kind": "study", "study": name}).info.run_id
+        tags = {"rows": ",".join(r.name for r in study.rows), "baseline": study.baseline or "",
+                "objective": study.objective, "objective_mode": study.mode, "report_metric": "val/mIoU",
+                "seeds": ",".join(map(str, study.seeds))}
+        for r in study.rows:
+            if r.space is not None:
+                tags[f"search_space.{r.name}"] = ""  # filled once the keys are known
+        for k, v in tags.items():
+            self.client.set_tag(self.parent_id, k, v)
+
+    def children(self, **tags) -> list:
+        flt = [f"tags.mlflow.parentRunId = '{self.parent_id}'"]
+        flt += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        return self.client.search_runs([self.experiment_id], filter_string=" and ".join(flt), max_results=5000)
+
+    def finished(self, row: str, seed: int, chash: str):
+        for run in self.children(row=row, seed=str(seed), search="0"):
+            if run.info.status == "FINISHED" and run.data.tags.get("config_hash") == chash:
+                return run
+        return None
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+
+# --- the trial driver (runs inside a Tune trial) --------------------------------------------
+
+def drive_trial(config: dict, ctx: dict) -> None:
+    """A Tune trial: fit one row x seed (x sampled hyperparameters) with Ray Train and log
+    one MLflow child run. The driver creates the run, so a restarted worker group logs
+    into the same run; a failure marks it FAILED."""
+    import mlflow
+
+    from . import distributed
+
+    t = dict(config.get("trial") or {})
+    row = t.get("row", ctx.get("row"))
+    seed = t.get("seed", ctx.get("seed"))
+    sampled = {k: v for k, v in config.items() if k != "trial"}
+    flat = {**ctx["flats"][row][str(seed)], **sampled, **t.get("set", {})}
+    flat = build_config(flat).flat()  # validates sampled values, naming the key
+    search = "1" if sampled and not t else "0"
+    tid = distributed.trial_id()
+    client = mlflow.MlflowClient(tracking_uri=ctx["tracking_uri"])
+    tags = {"mlflow.parentRunId": ctx["parent_id"], "uda_ray.kind": "row", "study": ctx["study"], "row": row,
+            "seed": str(seed), "trial": tid if search == "1" else "", "search": search,
+            "config_hash": config_hash(flat), **t.get("tags", {})}
+    run_name = f"{row}-s{seed}" + (f"-{tid}" if search == "1" else "")
+    run_id = client.create_run(ctx["experiment_id"], run_name=run_name, tags=tags).info.run_id
+    run_dir = str(Path(ctx["out"]) / ctx["study"] / run_name)
+    try:
+        result = distributed.run_trainer(
+            flat, run_dir=run_dir, name=f"{ctx['study']}-{run_name}", storage_path=ctx["storage_path"],
+            num_workers=ctx["workers"], use_gpu=ctx["gpus"] > 0, cpus_per_worker=ctx["cpus"],
+            gpus_per_worker=ctx["gpus"] or None, max_failures=ctx["max_failures"],
+            mlflow={"experiment": ctx["study"], "tracking_uri": ctx["tracking_uri"], "run_id": run_id},
+            callbacks=[distributed.tune_report_callback()])
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is not None:
+            client.set_tag(run_id, "checkpoint", result.checkpoint.path)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as e:
+        client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+
+
+# --- running a study ------------------------------------------------------------------------
+
+def run_study(study: Study, *, smoke_test: bool = False, address: str | None = None,
+              storage_path: str | None = None, tracking_uri: str | None = None,
+              max_concurrent: int | None = None, out: str = "runs") -> int:
+    from . import distributed
+    from .engine import ensure_data
+
+    name = study.name + ("-smoke" if smoke_test else "")
+    seeds = study.seeds[:1] if smoke_test else study.seeds
+    storage_path = storage_path or os.environ.get("UDA_RAY_STORAGE") or str(Path(out, "ray").resolve())
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+    out = str(Path(out).resolve())
+    # Generate the embedded benchmark once, before trials race to do it.
+    ensure_data(build_config({**study.base}, method=study.rows[0].method))
+    distributed.init_ray(address)
+    record = StudyRecord(study, name, tracking_uri)
+    print(f"study {name}: {len(study.rows)} rows x {len(seeds)} seeds; MLflow parent run {record.parent_id} "
+          f"({record.tracking_uri}); storage {storage_path}")
+    ctx = {"study": name, "parent_id": record.parent_id, "experiment_id": record.experiment_id,
+           "tracking_uri": record.tracking_uri, "storage_path": storage_path, "out": out,
+           "workers": study.workers_per_trial, "cpus": study.cpus_per_worker, "gpus": study.gpus_per_worker,
+           "max_failures": study.max_failures}
+    conc = max_concurrent or study.max_concurrent
+    failed: list[str] = []
+    for stage in study.stages():
+        plain, searches = [], []
+        for row in stage:
+            if row.space is not None:
+                searches.append(row)
+            else:
+                plain.append((row, {}, {}))
+        for row in searches:  # search first, then re-run the best over the seeds with the others
+            best, trial = _search(study, row, seeds, smoke_test, record, ctx, conc)
+            if best is None:
+                failed.append(f"{row.name}: every search trial failed")
+                continue
+            plain.append((row, best, {"best_trial": trial}))
+        trials, flats = [], {}
+        for row, best, tags in plain:
+            flats[row.name] = {}
+            for seed in seeds:
+                flat = {**study.flat(row, seed, smoke_test), **best}
+                if row.init_from:
+                    src = record.finished(row.init_from, seed,
+                                          config_hash(study.flat(study.row(row.init_from), seed, smoke_test)))
+                    if src is None or "checkpoint" not in src.data.tags:
+                        failed.append(f"{row.name} s{seed}: its init_from row {row.init_from} has no finished run")
+                        continue
+                    flat["run.init_from"] = src.data.tags["checkpoint"]
+                flats[row.name][str(seed)] = flat
+                if record.finished(row.name, seed, config_hash(flat)):
+                    print(f"  {row.name} s{seed}: already finished, skipped")
+                    continue
+                trials.append({"row": row.name, "seed": seed, "set": best, "tags": tags})
+        if trials:
+            grid = distributed.tune_rows(
+                drive_trial_with(dict(ctx, flats=flats)), trials=trials, storage_path=storage_path,
+                name=f"{name}-stage-{'-'.join(sorted({t['row'] for t in trials}))}-{_digest(trials)}",
+                max_concurrent=conc, metric=study.objective, mode=study.mode)
+            failed += [f"{r.config['trial']['row']} s{r.config['trial']['seed']}: {r.error}"
+                       for r in grid if r.error is not None]
+    record.finish()
+    from .compare import compare_study
+
+    result = compare_study(name, tracking_uri=record.tracking_uri, out_dir=Path(out) / name)
+    print(result.text)
+    if failed:
+        print("failed trials (recorded as FAILED in MLflow; the other rows went on):")
+        for f in failed:
+            print(f"  {f}")
+    print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {record.tracking_uri}   "
+          f"(experiment '{name}')\nThe same table from MLflow alone:  uda-ray compare {name}"
+          + (f" --tracking-uri {tracking_uri}" if tracking_uri else ""))
+    return 1 if failed else 0
+
+
+def drive_trial_with(ctx: dict):
+    from ray import tune
+
+    return tune.with_parameters(drive_trial, ctx=ctx)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _search(study: Study, row: Row, seeds, smoke: bool, record: StudyRecord, ctx: dict, conc: int):
+    """Optuna search of a row on its first seed; returns (best sampled values, trial id)."""
+    import optuna
+
+    from . import distributed
+
+    seed = seeds[0]
+    n = 2 if smoke else row.num_samples
+    storage = f"sqlite:///{Path(ctx['out']) / ctx['study'] / 'optuna.db'}"
+    Path(ctx["out"], ctx["study"]).mkdir(parents=True, exist_ok=True)
+    optuna_name = f"{ctx['study']}.{row.name}"
+    record.client.set_tag(record.parent_id, "optuna_storage", storage)
+    keys = sorted(_space_keys(row.space))
+    record.client.set_tag(record.parent_id, f"search_space.{row.name}", ",".join(keys))
+    flat = study.flat(row, seed, smoke)
+    if row.init_from:
+        src = record.finished(row.init_from, seed, config_hash(study.flat(study.row(row.init_from), seed, smoke)))
+        if src is None or "checkpoint" not in src.data.tags:
+            return None, None
+        flat["run.init_from"] = src.data.tags["checkpoint"]
+    done = _completed(optuna_name, storage)
+    if len(done) < n:
+        try:
+            distributed.tune_rows(
+                drive_trial_with(dict(ctx, flats={row.name: {str(seed): flat}}, row=row.name, seed=seed)),
+                space=row.space, num_samples=n - len(done), metric=study.objective, mode=study.mode,
+                seed=seed, storage_path=ctx["storage_path"], name=f"{ctx['study']}-search-{row.name}",
+                max_concurrent=conc, asha=study.asha, optuna_storage=storage, optuna_study=optuna_name)
+        except Exception:  # a broken search must not take the other rows down
+            traceback.print_exc(file=sys.stderr)
+        done = _completed(optuna_name, storage)
+    if not done:
+        return None, None
+    best = (max if study.mode == "max" else min)(done, key=lambda t: t.value)
+    runs = [r for r in record.children(row=row.name, search="1") if r.info.status == "FINISHED"]
+    trial = next((r.data.tags.get("trial", "") for r in runs
+                  if all(str(r.data.params.get(k)) == str(v) for k, v in best.params.items())), str(best.number))
+    return dict(best.params), trial
+
+
+def _completed(name: str, storage: str) -> list:
+    import optuna
+
+    try:
+        st = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return []
+    return [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+
+
+def _space_keys(space: Callable) -> list[str]:
+    """The flat keys a define-by-run space suggests (asked of a throwaway in-memory trial)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = optuna.create_study()
+    trial = st.ask()
+    space(trial)
+    return list(trial.params)
