@@ -90,3 +90,53 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(cluster, data_root, tm
     b = _model_state(os.path.join(result.checkpoint.path, "last.pt"))["model"]
     for k in a:  # resumed at step 2 from the checkpoint: identical to the uninterrupted run
         assert torch.equal(a[k], b[k]), k
+
+
+def _space(trial):
+    trial.suggest_float("adaptseg.lambda_adv_main", 1e-4, 1e-2, log=True)
+
+
+def test_study_across_two_nodes_records_rows_and_skips_finished_ones(cluster, data_root, tmp_path, capsys):
+    import mlflow
+
+    from uda_ray.study import Row, Study, run_study
+
+    base = {k: v for k, v in tiny_cfg(data_root, tmp_path, "source_only", **{"run.iterations": 2}).flat().items()
+            if not k.startswith("source_only.") and k != "method"}
+    study = Study(name="smoke", base=base, seeds=(0,), baseline="source_only", rows=[
+        Row("source_only", "source_only"),
+        Row("adabn", "adabn", init_from="source_only"),
+        Row("adaptseg", "adaptseg", init_from="source_only", set={"adaptseg.gan": "ls"}),
+        Row("adaptseg_search", "adaptseg", init_from="source_only", space=_space, num_samples=2),
+        Row("broken", "source_only", set={"optim.lr": 1e30, "run.iterations": 4}),
+    ])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kw = dict(address=cluster.address, storage_path=str(tmp_path / "storage"), tracking_uri=uri,
+              out=str(tmp_path / "out"))
+    assert run_study(study, **kw) == 1  # the broken row failed; the others went on
+    out = capsys.readouterr().out
+    assert "study smoke:" in out and "broken s0" in out and "mlflow ui --backend-store-uri" in out
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("uda_ray.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    status = {(r.data.tags["row"], r.data.tags["search"]): r.info.status for r in children}
+    assert status[("broken", "0")] == "FAILED"
+    for row in ("source_only", "adabn", "adaptseg", "adaptseg_search"):
+        assert status[(row, "0")] == "FINISHED", row
+    assert sum(r.data.tags["search"] == "1" for r in children) == 2  # the Optuna trials
+    best = next(r for r in children if r.data.tags["row"] == "adaptseg_search" and r.data.tags["search"] == "0")
+    assert best.data.tags["best_trial"] and "val/mIoU" in best.data.metrics and "sel/mIoU" in best.data.metrics
+    adabn = next(r for r in children if r.data.tags["row"] == "adabn")
+    assert adabn.data.params["run.init_from"].endswith("checkpoint_000000") or "checkpoint" in \
+        adabn.data.params["run.init_from"]
+    assert (tmp_path / "out" / "smoke" / "smoke_compare.csv").is_file()
+
+    # Again: every finished row x seed is skipped; only the broken row runs (and fails) again.
+    assert run_study(study, **kw) == 1
+    out = capsys.readouterr().out
+    assert out.count("already finished, skipped") == 4
+    again = [r for r in client.search_runs([exp.experiment_id])
+             if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(again) == len(children) + 1

@@ -144,7 +144,12 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
     """
     from ray import tune
 
-    driver = tune.with_resources(trainable, {"CPU": driver_cpus})
+    import ray
+
+    # On a cluster whose head advertises "trial_driver" slots (cluster.yaml), drivers run
+    # there and leave every CPU and GPU to the training workers; locally, a CPU share.
+    res = {"trial_driver": 1} if ray.cluster_resources().get("trial_driver") else {"CPU": driver_cpus}
+    driver = tune.with_resources(trainable, res)
     path = _join(storage_path, name)
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=driver, resume_unfinished=True, resume_errored=False,

@@ -89,7 +89,12 @@ class Study:
 
     def flat(self, row: Row, seed: int, smoke: bool = False) -> dict:
         values = {**self.base, **row.set, **(self.smoke if smoke else {}), "run.seed": seed}
-        return build_config(values, method=row.method).flat()
+        flat = build_config(values, method=row.method).flat()
+        # Trials run in other working directories (and on other nodes): absolute data paths.
+        root = flat["data.root"]
+        if "://" not in root:
+            flat["data.root"] = str(Path(root).resolve())
+        return flat
 
     def stages(self) -> list[list[Row]]:
         """Rows in dependency order: a row runs after the row it starts from."""
