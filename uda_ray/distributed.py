@@ -134,7 +134,8 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
               space: Callable | None = None, num_samples: int = 1, metric: str | list[str] = "sel/mIoU",
               mode: str | list[str] = "max", seed: int = 0, storage_path: str, name: str,
               max_concurrent: int = 2, driver_cpus: float = 0.1, asha: dict | None = None,
-              optuna_storage: str | None = None, optuna_study: str | None = None, resume: bool = True):
+              optuna_storage: str | None = None, optuna_study: str | None = None, resume: bool = True,
+              verbose: int = 1):
     """Run Tune trials whose trainable is a Train driver.
 
     Either ``trials`` (a fixed list of trial configs, run as a grid) or ``space`` (an Optuna
@@ -174,7 +175,7 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
     else:
         param_space = {"trial": tune.grid_search(trials or [])}
     tuner = tune.Tuner(driver, param_space=param_space, tune_config=tune.TuneConfig(**tune_kw),
-                       run_config=tune.RunConfig(name=name, storage_path=storage_path,
+                       run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
                                                  failure_config=tune.FailureConfig(max_failures=0)))
     return tuner.fit()
 

@@ -98,9 +98,16 @@ def ensure_data(cfg: Config) -> None:
     """Generate the embedded benchmark on first use when the config points at it."""
     if not cfg.data.synth:
         return
+    import fcntl
+
     from .data import synth
 
-    synth.ensure_benchmark(cfg.data.root, seed=cfg.data.synth_seed, regime=cfg.data.synth_regime)
+    root = Path(cfg.data.root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent trials on one machine: one generates, the others wait for it.
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        synth.ensure_benchmark(root, seed=cfg.data.synth_seed, regime=cfg.data.synth_regime)
 
 
 def carve(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:

@@ -362,7 +362,9 @@ def _search(study: Study, row: Row, seeds, smoke: bool, record: StudyRecord, ctx
     runs = [r for r in record.children(row=row.name, search="1") if r.info.status == "FINISHED"]
     trial = next((r.data.tags.get("trial", "") for r in runs
                   if all(str(r.data.params.get(k)) == str(v) for k, v in best.params.items())), str(best.number))
-    return dict(best.params), trial
+    # constants the space derives from the sampled values (e.g. a tied auxiliary weight)
+    consts = row.space(optuna.trial.FixedTrial(best.params)) or {}
+    return {**best.params, **consts}, trial
 
 
 def _completed(name: str, storage: str) -> list:
