@@ -7,32 +7,11 @@ import math
 import pytest
 import torch
 
-import trees
-from uda_ray.config import ConfigError, build_config
+from trees import tiny_cfg
+from uda_ray.config import ConfigError
 from uda_ray.engine import Context, NonFiniteLoss, build_segmenter, checkpoint_path, fit, poly_lr
 from uda_ray.losses import gan_loss, seg_loss
 from uda_ray.methods import METHODS
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    trees.gta5_tree(root / "gta5", n=6, w=72, h=40)
-    trees.cityscapes_tree(root / "cityscapes", split="train", cities=("aachen", "bochum", "bremen"), w=64, h=32)
-    trees.cityscapes_tree(root / "cityscapes", split="val", cities=("frankfurt", "lindau"), w=64, h=32)
-    return root
-
-
-def tiny_cfg(root, tmp_path, method="source_only", **values):
-    base = {
-        "data.root": str(root), "data.synth": False, "data.source_w": 64, "data.source_h": 32,
-        "data.target_w": 64, "data.target_h": 32, "data.batch_size": 2, "model.arch": "tiny",
-        "model.bn": "shared", "run.out": str(tmp_path / "runs"), "run.iterations": 4,
-        "run.schedule_iterations": 0, "run.eval_every": 0, "run.checkpoint_every": 0, "run.log_every": 1,
-        "run.num_workers": 0, "run.mosaic_images": 1, "optim.lr": 0.01, "data.select_n": 1,
-    }
-    base.update(values)
-    return build_config(base, method=method)
 
 
 def test_losses_on_hand_cases():

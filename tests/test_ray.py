@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-import trees
-from test_engine import tiny_cfg
+from trees import tiny_cfg
 from uda_ray.engine import checkpoint_path, fit
 
 pytestmark = pytest.mark.timeout(900)
@@ -28,15 +27,6 @@ def cluster():
     yield c
     ray.shutdown()
     c.shutdown()
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    trees.gta5_tree(root / "gta5", n=6, w=72, h=40)
-    trees.cityscapes_tree(root / "cityscapes", split="train", cities=("aachen", "bochum", "bremen"), w=64, h=32)
-    trees.cityscapes_tree(root / "cityscapes", split="val", cities=("frankfurt", "lindau"), w=64, h=32)
-    return root
 
 
 def _model_state(path):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from uda_ray.config import build_config
 from uda_ray.data.labels import labelid_palette
 
 
@@ -87,3 +88,15 @@ def bdd_tree(root: Path, split: str = "val", n: int = 2, w: int = 32, h: int = 1
         grey_label(root / "labels" / "sem_seg" / "masks" / split / f"{name}.png",
                    label_map(h, w, [0, 13, 18, 255]))
     return root
+
+
+def tiny_cfg(root, tmp_path, method="source_only", **values):
+    base = {
+        "data.root": str(root), "data.synth": False, "data.source_w": 64, "data.source_h": 32,
+        "data.target_w": 64, "data.target_h": 32, "data.batch_size": 2, "model.arch": "tiny",
+        "model.bn": "shared", "run.out": str(tmp_path / "runs"), "run.iterations": 4,
+        "run.schedule_iterations": 0, "run.eval_every": 0, "run.checkpoint_every": 0, "run.log_every": 1,
+        "run.num_workers": 0, "run.mosaic_images": 1, "optim.lr": 0.01, "data.select_n": 1,
+    }
+    base.update(values)
+    return build_config(base, method=method)
