@@ -1,0 +1,145 @@
+"""The embedded benchmark generator: determinism, on-disk layout, classes, regimes, errors."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uda_ray.data import synth
+from uda_ray.data.labels import cityscapes_labelid_to_19, labelid_palette, train19_to_labelid
+
+SMALL = dict(n_source=12, n_target=12, n_val=12)  # 12 = one cycle of featured rare classes
+LUT = cityscapes_labelid_to_19()
+VALID_IDS = {0, 1, 4} | {int(i) for i in train19_to_labelid()}
+CS_NAME = re.compile(r"^([a-z]+)_(\d{6})_(\d{6})_leftImg8bit\.png$")
+
+
+def files(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    summary = synth.generate(out, seed=0, workers=2, **SMALL)
+    return out, summary
+
+
+def test_same_seed_is_byte_identical_for_any_workers_and_other_seed_differs(tmp_path):
+    kw = dict(n_source=3, n_target=3, n_val=2)
+    synth.generate(tmp_path / "a", seed=7, workers=1, **kw)
+    synth.generate(tmp_path / "b", seed=7, workers=2, **kw)
+    synth.generate(tmp_path / "c", seed=8, workers=2, **kw)
+    a, b, c = (files(tmp_path / k) for k in "abc")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["gta5/images/00001.png"] != c["gta5/images/00001.png"]
+    assert a["gta5/labels/00001.png"] != c["gta5/labels/00001.png"]
+
+
+def test_layout_matches_gta5_and_cityscapes(bench):
+    out, summary = bench
+    assert (out / "synth.json").is_file()
+    imgs = sorted((out / "gta5" / "images").iterdir())
+    assert [p.name for p in imgs] == [f"{i:05d}.png" for i in range(1, 13)]
+    for p in imgs[:3]:
+        im, lb = Image.open(p), Image.open(out / "gta5" / "labels" / p.name)
+        assert im.mode == "RGB" and im.size == synth.SOURCE_SIZE
+        assert lb.mode == "P" and lb.size == synth.SOURCE_SIZE
+        assert lb.getpalette()[:768] == labelid_palette()
+    cities = {}
+    for split, n in (("train", 12), ("val", 12)):
+        found = sorted((out / "cityscapes" / "leftImg8bit" / split).rglob("*.png"))
+        assert len(found) == n
+        for p in found:
+            m = CS_NAME.match(p.name)
+            assert m and m.group(1) == p.parent.name and m.group(3) == "000019"
+            cities.setdefault(split, set()).add(m.group(1))
+            lp = out / "cityscapes" / "gtFine" / split / p.parent.name / p.name.replace(
+                "_leftImg8bit.png", "_gtFine_labelIds.png")
+            im, lb = Image.open(p), Image.open(lp)
+            assert im.mode == "RGB" and im.size == synth.TARGET_SIZE
+            assert lb.mode == "L" and lb.size == synth.TARGET_SIZE
+    assert len(cities["train"]) > 1 and len(cities["val"]) > 1
+    assert not cities["train"] & cities["val"]
+    assert summary["counts"] == {"source": 12, "target_train": 12, "target_val": 12}
+
+
+@pytest.mark.parametrize("domain", ["source", "target_train", "target_val"])
+def test_every_class_occurs_and_only_valid_label_ids(bench, domain):
+    out, summary = bench
+    if domain == "source":
+        paths = sorted((out / "gta5" / "labels").glob("*.png"))
+    else:
+        split = domain.split("_")[1]
+        paths = sorted((out / "cityscapes" / "gtFine" / split).rglob("*.png"))
+    seen = np.zeros(256, bool)
+    for p in paths:
+        seen[np.unique(np.asarray(Image.open(p)))] = True
+    ids = set(np.flatnonzero(seen).tolist())
+    assert ids <= VALID_IDS
+    assert set(LUT[sorted(ids)].tolist()) - {255} == set(range(19))
+    freq = summary["class_freq"][domain]
+    assert all(freq[c] > 0 for c in synth.CLASSES_19)
+    assert abs(sum(freq[c] for c in synth.CLASSES_19) - 1) < 1e-3
+    # realistic imbalance: stuff classes dominate, the rare things stay rare
+    assert min(freq["road"], freq["building"]) > 10 * max(freq["rider"], freq["motorcycle"])
+
+
+def test_ensure_benchmark_regenerates_only_when_parameters_differ(tmp_path):
+    kw = dict(seed=1, n_source=3, n_target=2, n_val=1, regime="photo")
+    synth.ensure_benchmark(tmp_path, **kw)
+    marker = tmp_path / "synth.json"
+    first, stamp = files(tmp_path), marker.stat().st_mtime_ns
+    assert synth.ensure_benchmark(tmp_path, workers=1, **kw) == tmp_path
+    assert marker.stat().st_mtime_ns == stamp and files(tmp_path) == first
+    synth.ensure_benchmark(tmp_path, **{**kw, "n_source": 2, "seed": 2})
+    rec = json.loads(marker.read_text())
+    assert rec["seed"] == 2 and rec["n_source"] == 2 and rec["version"] == synth.SYNTH_VERSION
+    assert sorted(p.name for p in (tmp_path / "gta5" / "images").iterdir()) == ["00001.png", "00002.png"]
+    # a shift equal to a named regime is that regime: no regeneration
+    stamp = marker.stat().st_mtime_ns
+    synth.ensure_benchmark(tmp_path, **{**kw, "n_source": 2, "seed": 2, "shift": synth.REGIMES["photo"]})
+    assert marker.stat().st_mtime_ns == stamp
+    # an interrupted run (partial flag, no marker) is regenerated
+    marker.unlink()
+    (tmp_path / ".synth_partial").touch()
+    synth.ensure_benchmark(tmp_path, **{**kw, "n_source": 2, "seed": 2})
+    assert marker.is_file()
+
+
+@pytest.mark.parametrize("regime", sorted(synth.REGIMES))
+def test_every_regime_generates(tmp_path, regime):
+    s = synth.generate(tmp_path, regime=regime, n_source=1, n_target=1, n_val=1, workers=1)
+    assert s["regime"] == regime and s["seconds"] >= 0
+    rec = json.loads((tmp_path / "synth.json").read_text())
+    assert rec["shift"] == {k: float(v) for k, v in vars(synth.REGIMES[regime]).items()}
+
+
+def test_knobs_change_only_the_target_rendering():
+    lab0 = synth.render(0, "target_train", 3, synth.REGIMES["none"])[1]
+    img1, lab1 = synth.render(0, "target_train", 3, synth.REGIMES["photo"])
+    assert np.array_equal(lab0, lab1)  # same scene: the layout knob is the same
+    assert not np.array_equal(synth.render(0, "target_train", 3, synth.REGIMES["none"])[0], img1)
+    src = [synth.render(0, "source", 0, synth.REGIMES[k])[0] for k in ("none", "full")]
+    assert np.array_equal(*src)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="valid regimes: appearance, default, full, layout, none, photo"):
+        synth.generate(tmp_path, regime="nope")
+    with pytest.raises(ValueError, match="'blur'"):
+        synth.Shift(blur=1.5)
+    with pytest.raises(ValueError, match="'tone'"):
+        synth.Shift(tone=-0.1)
+    for name in ("n_source", "n_target", "n_val"):
+        with pytest.raises(ValueError, match=name):
+            synth.generate(tmp_path, **{name: 0})
+    foreign = tmp_path / "real"
+    (foreign / "gta5" / "images").mkdir(parents=True)
+    with pytest.raises(FileExistsError):
+        synth.generate(foreign, n_source=1, n_target=1, n_val=1)
+    assert (foreign / "gta5" / "images").is_dir()  # untouched
