@@ -63,7 +63,7 @@ def test_yaml_nested_or_flat_with_preset(tmp_path):
     cfg = load_config(p, {"run.iterations": "10"})
     assert cfg.model.arch == "tiny" and cfg.run.seed == 7 and cfg.params.gan == "ls"
     assert cfg.run.iterations == 10  # override beats file beats preset
-    assert load_config(p).run.iterations == 1500
+    assert load_config(p).run.iterations == 1000
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
     # a config round-trips through its own YAML
