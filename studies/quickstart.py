@@ -26,16 +26,16 @@ STUDY = Study(
     base={
         "preset": "tiny-cpu",
         "data.source_w": 160, "data.source_h": 88, "data.target_w": 160, "data.target_h": 80,
-        "run.iterations": 300, "run.eval_every": 0, "run.checkpoint_every": 0, "run.log_every": 50,
+        "run.iterations": 200, "run.eval_every": 0, "run.checkpoint_every": 0, "run.log_every": 50,
         "run.num_workers": 0, "data.select_n": 50, "run.max_val_images": 0,
     },
     rows=[
         Row("source_only", "source_only"),
         # AdaBN and AdaptSegNet start from the source-only checkpoint of the same seed.
         Row("adabn", "adabn", init_from="source_only"),
-        Row("adaptseg", "adaptseg", init_from="source_only", set={"run.iterations": 100}),
-        Row("adaptseg_search", "adaptseg", init_from="source_only", set={"run.iterations": 100},
-            space=adaptseg_space, num_samples=4),
+        Row("adaptseg", "adaptseg", init_from="source_only", set={"run.iterations": 60}),
+        Row("adaptseg_search", "adaptseg", init_from="source_only", set={"run.iterations": 60},
+            space=adaptseg_space, num_samples=3),
     ],
     seeds=(0, 1, 2),
     baseline="source_only",

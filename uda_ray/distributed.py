@@ -114,7 +114,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # Checkpoint-only reports carry no evaluation metrics; selection reads the ones that do.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     address = address or os.environ.get("RAY_ADDRESS")
@@ -122,6 +121,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, log_to_driver=False)
+
+
+def pickle_by_value(module) -> None:
+    """Ship a module's functions by value (a study script is not importable on workers)."""
+    if module is None or module.__name__.startswith(("uda_ray.", "builtins")) or module.__name__ == "__main__":
+        return
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(module)
 
 
 def cluster_resources() -> dict:

@@ -451,7 +451,9 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
                 save_checkpoint(path, method, 0, cfg, extra={"metrics": metrics})
             if on_checkpoint is not None:
                 on_checkpoint(path, {"step": 0, **metrics})
-    return RunResult(run_dir, max(iters, start), scores, metrics, time.perf_counter() - t_start)
+    seconds = time.perf_counter() - t_start
+    tracker.log_metrics({"perf/fit_seconds": seconds}, step=max(iters, start))  # for overhead accounting
+    return RunResult(run_dir, max(iters, start), scores, metrics, seconds)
 
 
 def _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker, progress, on_checkpoint):

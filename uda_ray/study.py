@@ -134,8 +134,10 @@ def load_study(path: str | Path) -> Study:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: study script not found")
-    spec = importlib.util.spec_from_file_location(f"uda_ray_study_{path.stem}", path)
+    name = f"uda_ray_study_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # search spaces defined in the script are shipped by value
     spec.loader.exec_module(module)
     study = getattr(module, "STUDY", None)
     if not isinstance(study, Study):
@@ -254,6 +256,9 @@ def run_study(study: Study, *, smoke_test: bool = False, address: str | None = N
     # Generate the embedded benchmark once, before trials race to do it.
     ensure_data(build_config({**study.base}, method=study.rows[0].method))
     distributed.init_ray(address)
+    for row in study.rows:  # a space defined in the study script travels by value to the trials
+        if row.space is not None:
+            distributed.pickle_by_value(sys.modules.get(row.space.__module__))
     record = StudyRecord(study, name, tracking_uri)
     print(f"study {name}: {len(study.rows)} rows x {len(seeds)} seeds; MLflow parent run {record.parent_id} "
           f"({record.tracking_uri}); storage {storage_path}")
