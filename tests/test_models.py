@@ -385,8 +385,8 @@ def test_pretrained_resnet18_from_local_file_and_torchvision_cache(tmp_path, mon
 
     # "torchvision": the standard file name in torch.hub's cache; never a download.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    if Path(torch.hub.get_dir()) != tmp_path / "torch" / "hub":
-        pytest.skip("torch.hub dir was set explicitly elsewhere")
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # an earlier torch.hub.set_dir would win over TORCH_HOME
+    assert Path(torch.hub.get_dir()) == tmp_path / "torch" / "hub"
     with pytest.raises(FileNotFoundError, match=TORCHVISION_FILES["resnet18"]):
         build_model("r18_ppm", num_classes=NC, pretrained="torchvision")
     cached = Path(torch.hub.get_dir()) / "checkpoints" / "resnet18-f37072fd.pth"

@@ -396,7 +396,8 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     seed_everything(cfg.run.seed)
-    ensure_data(cfg) if rank == 0 else None
+    if rank == 0:
+        ensure_data(cfg)
     if world > 1:
         dist.barrier()
     data = build_datasets(cfg)
@@ -438,7 +439,7 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
         pairs = PairedBatches(
             train_loader(data["source"], batch_size=bs, seed=cfg.run.seed * 2, start=start * bs * world,
                          rank=rank, world_size=world, num_workers=nw, pin_memory=pin),
-            tgt_loader(start * bs * world) if method.needs_target else None, start_step=start)
+            tgt_loader(start * bs * world) if method.needs_target else None)
         scores, metrics = _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker,
                                 progress, on_checkpoint)
     if scores is None:  # nothing trained here (a method that does not train, or a finished run)

@@ -101,13 +101,12 @@ def eval_loader(dataset: Dataset, *, batch_size: int = 1, rank: int = 0, world_s
 class PairedBatches:
     """Source and target batches side by side: ``next(pairs) -> (source, target)``.
 
-    Both streams are infinite and independently seeded; ``position`` counts the steps
-    taken, which is what a checkpoint stores to resume the data where it stopped.
+    Both streams are infinite and independently seeded; a resumed run rebuilds them with
+    the samplers' ``start`` at its step (the step is all a checkpoint needs).
     """
 
-    def __init__(self, source: DataLoader, target: DataLoader | None, *, start_step: int = 0):
+    def __init__(self, source: DataLoader, target: DataLoader | None):
         self._src, self._tgt = iter(source), iter(target) if target is not None else None
-        self.position = start_step
 
     def __iter__(self):
         return self
@@ -115,5 +114,4 @@ class PairedBatches:
     def __next__(self):
         src = next(self._src)
         tgt = next(self._tgt) if self._tgt is not None else None
-        self.position += 1
         return src, tgt
