@@ -46,6 +46,10 @@ CASES = [
     ("r18_ppm", {"num_decoders": 2}, {"main", "dec2"}, math.ceil),
     ("tiny", {}, {"main", "aux"}, math.ceil),
     ("tiny", {"multi_level": False}, {"main"}, math.ceil),
+    ("tiny_ppm", {}, {"main"}, math.ceil),
+    ("tiny_ppm", {"num_decoders": 2, "bins": (6, 3, 2, 1)}, {"main", "dec2"}, math.ceil),
+    ("mat_r101", {}, {"main"}, math.ceil),  # encoder-decoder: output stride 4
+    ("mat_tiny", {}, {"main"}, math.ceil),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw, _, _ in CASES]
 _CACHE: dict[str, nn.Module] = {}
@@ -74,9 +78,10 @@ def test_forward_keys_shapes_finite(case):
         out = model(torch.randn(1, 3, h, w))
     assert isinstance(out, SegOutput)
     assert set(out.logits) == keys == set(model.head_inputs)
-    assert model.output_stride == 8
+    os_ = model.output_stride
+    assert os_ == (4 if model.__class__.__name__ == "MATSegmenter" else 8)
     for v in out.logits.values():  # at the feature resolution: the engine upsamples
-        assert v.shape == (1, NC, rnd(h / 8), rnd(w / 8))
+        assert v.shape == (1, NC, rnd(h / os_), rnd(w / os_))
         assert torch.isfinite(v).all()
     assert set(out.features) == set(model.feature_channels)
     for name, f in out.features.items():
@@ -137,7 +142,11 @@ def test_param_groups(case):
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))  # each parameter once
     assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.heads.parameters()}
+    # the heads group: everything outside the (pretrainable) backbone, i.e. the heads and,
+    # for MAT, its newly initialised decoder
+    outside = {id(p) for p in model.parameters()} - {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == outside
+    assert {id(p) for p in model.heads.parameters()} <= outside
     torch.optim.SGD(groups, lr=2.5e-4, momentum=0.9)  # accepted as is
 
 

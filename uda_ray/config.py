@@ -85,9 +85,13 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = knob("deeplabv2_r101", "segmenter",
-                     choices=("deeplabv2_r101", "deeplabv2_vgg16", "r18_ppm", "tiny"))
+                     choices=("deeplabv2_r101", "deeplabv2_vgg16", "r18_ppm", "tiny", "mat_r101", "mat_tiny",
+                              "tiny_ppm"))
     pretrained: str = knob("", "ImageNet weights: a file path, 'torchvision' (the local cache) or ''")
     multi_level: bool = knob(True, "auxiliary head on the penultimate stage (multi-level adaptation)")
+    num_decoders: int = knob(1, "PPM decoders on the shared encoder (r18_ppm, tiny_ppm; curriculum: 2)", lo=1)
+    ppm_bins: str = knob("1,2,3,6", "pyramid pooling output sizes of each PPM decoder, comma-separated "
+                                    "(PSPNet and the curriculum paper: 6, 3, 2, 1)")
     bn: str = knob("frozen", "BatchNorm: shared stats, frozen stats, or per-domain stats",
                    choices=("shared", "frozen", "per_domain"))
 
@@ -310,6 +314,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         # AdaptSegNet's discriminators at half width: at full width they cost 5x the tiny
         # segmenter (they see input-size maps) and would dominate a CPU run.
         "adaptseg.ndf": 32,
+    },
+    # The method studies' scale: tiny-cpu at 160x88 -> 160x80 with shorter runs and
+    # discriminators at a quarter width, so that a table of rows x 3 seeds runs in minutes
+    # on 2 cores. Studies set the iterations of each stage.
+    "study-cpu": {
+        "data.root": "data/synth", "data.synth": True,
+        "data.source_w": 160, "data.source_h": 88, "data.target_w": 160, "data.target_h": 80,
+        "data.batch_size": 4, "data.num_classes": 19, "data.select_n": 50,
+        "model.arch": "tiny", "model.pretrained": "", "model.bn": "shared",
+        "optim.lr": 0.01, "optim.weight_decay": 1e-4,
+        "run.iterations": 400, "run.schedule_iterations": 0, "run.log_every": 25,
+        "run.eval_every": 0, "run.checkpoint_every": 100, "run.num_workers": 0, "run.max_val_images": 0,
+        "adaptseg.ndf": 16,
+        "jal.ndf": 16,
+        "pww.ndf": 16,
+        "mat.ndf": 16,
+        "dast.ndf": 16, "dast.d_width": 64,
     },
     # The papers' setting: DeepLab-v2 ResNet-101, GTA5 1280x720 -> Cityscapes 1024x512.
     "paper": {

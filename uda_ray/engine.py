@@ -50,6 +50,8 @@ class Context:
     rank: int = 0
     world_size: int = 1
     target_batches_per_epoch: int = 1
+    run_dir: Path | None = None  # where a method writes its files (e.g. proxy labels)
+    tracker: object = None  # rank 0's tracker (a NullTracker elsewhere), for a method's own reports
 
     def autocast(self):
         if self.amp:
@@ -120,7 +122,8 @@ def carve(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
 
 def build_datasets(cfg: Config) -> dict:
     """The datasets of a config: ``source`` (labelled), ``target`` (unlabelled target train),
-    ``val`` (the reported split) and, when configured, ``sel`` and ``src_val``.
+    ``target_eval`` (the same images at the eval size, for proxy-label passes), ``val`` (the
+    reported split) and, when configured, ``sel`` and ``src_val``.
 
     Honest selection: ``sel`` is ``data.select_n`` labelled images drawn (seeded) from the
     target *training* split and removed from the unlabelled adaptation set, so choosing a
@@ -145,7 +148,12 @@ def build_datasets(cfg: Config) -> dict:
     if d.select_n:
         sel, rest = carve(len(tgt), d.select_n, d.select_seed)
         out["sel"] = tgt.subset(sel, transform=tgt_eval_t)
+        # the adaptation images at the eval size (proxy-label passes); their labels, when
+        # read, only measure proxy precision
+        out["target_eval"] = tgt.subset(rest, transform=tgt_eval_t)
         tgt = tgt.subset(rest, labels=False)
+    else:
+        out["target_eval"] = tgt.subset(range(len(tgt)), transform=tgt_eval_t)
     out["target"] = tgt
     out["val"] = build_dataset(d.target, _dir(cfg, "target"), split=d.val_split, num_classes=d.num_classes,
                                transform=tgt_eval_t)
@@ -155,6 +163,17 @@ def build_datasets(cfg: Config) -> dict:
 def build_segmenter(cfg: Config, device: torch.device) -> nn.Module:
     m = cfg.model
     kw = {"multi_level": m.multi_level} if m.arch in ("deeplabv2_r101", "tiny") else {}
+    if m.arch in ("r18_ppm", "tiny_ppm"):
+        try:
+            bins = tuple(int(b) for b in m.ppm_bins.split(","))
+        except ValueError:
+            bins = ()
+        if not bins or min(bins) < 1:
+            raise ConfigError(f"model.ppm_bins: expected comma-separated positive integers, got {m.ppm_bins!r}")
+        kw = {"num_decoders": m.num_decoders, "bins": bins}
+    elif m.num_decoders != 1:
+        raise ConfigError(f"model.num_decoders: only r18_ppm and tiny_ppm have several decoders "
+                          f"(model.arch={m.arch}); got {m.num_decoders}")
     model = build_model(m.arch, num_classes=cfg.data.num_classes, pretrained=m.pretrained or None, **kw)
     set_bn_mode(model, m.bn)
     if cfg.run.init_from:
@@ -229,7 +248,7 @@ def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int 
     label's full size, accumulate one confusion matrix (summed over DDP ranks). Streams one
     image at a time in bounded memory.
 
-    Returns the scores, up to ``mosaic`` (image, label, prediction) triplets, and with
+    Returns the scores, up to ``mosaic`` (image, label, prediction, extra maps) rows, and with
     ``entropy`` the mean normalised prediction entropy (a label-free criterion: it reads
     the softmax, never the labels).
     """
@@ -258,7 +277,8 @@ def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int 
         pred = upsample_logits(logits, b["label"].shape[-2:]).argmax(1)
         cm.update(pred, b["label"])
         if len(triplets) < mosaic:
-            triplets.append((batch["image"][0], batch["label"][0], pred[0].cpu()))
+            maps = {k: v[0].float().clamp(0, 1).cpu() for k, v in method.mosaic_maps(b["image"]).items()}
+            triplets.append((batch["image"][0], batch["label"][0], pred[0].cpu(), maps))
     matrix = cm.matrix
     if ctx.world_size > 1:
         dist.all_reduce(matrix)
@@ -326,19 +346,24 @@ def sync_buffers(method, world: int) -> None:
 
 
 def mosaic_png(triplets, path: Path, *, norm: str, num_classes: int) -> Path:
-    """image | label | prediction, one row per val image, as a PNG."""
+    """image | label | prediction [| the method's extra maps, greyscale], one row per val
+    image, as a PNG."""
     from PIL import Image
 
     from .data.transforms import denormalise
 
     pal = train_palette(num_classes)
     rows = []
-    for img, lab, pred in triplets:
+    for img, lab, pred, *extra in triplets:
         h, w = lab.shape
         rgb = Image.fromarray(denormalise(img, norm).permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
         lab_c = pal[np.where(lab.numpy() == 255, num_classes, lab.numpy())]
         pred_c = pal[pred.numpy()]
-        rows.append(np.concatenate([np.asarray(rgb), lab_c, pred_c], axis=1))
+        cols = [np.asarray(rgb), lab_c, pred_c]
+        for m in (extra[0] if extra else {}).values():
+            grey = Image.fromarray((m.numpy() * 255).round().astype(np.uint8)).resize((w, h), Image.BILINEAR)
+            cols.append(np.repeat(np.asarray(grey)[..., None], 3, axis=2))
+        rows.append(np.concatenate(cols, axis=1))
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
     return path
@@ -403,7 +428,8 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
     data = build_datasets(cfg)
     ctx = Context(cfg, device, amp=cfg.run.amp and is_cuda, channels_last=cfg.run.channels_last and is_cuda,
                   rank=rank, world_size=world,
-                  target_batches_per_epoch=max(1, len(data["target"]) // (cfg.data.batch_size * world)))
+                  target_batches_per_epoch=max(1, len(data["target"]) // (cfg.data.batch_size * world)),
+                  run_dir=run_dir, tracker=tracker)
     model = build_segmenter(cfg, device)
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -436,17 +462,35 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
     metrics: dict = {}
     scores = None
     if iters > start:
-        pairs = PairedBatches(
-            train_loader(data["source"], batch_size=bs, seed=cfg.run.seed * 2, start=start * bs * world,
-                         rank=rank, world_size=world, num_workers=nw, pin_memory=pin),
-            tgt_loader(start * bs * world) if method.needs_target else None)
-        scores, metrics = _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker,
-                                progress, on_checkpoint)
+        bar = None
+        if progress and rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=iters, initial=start, desc=cfg.run_name, unit="it", dynamic_ncols=True)
+        # Phases (e.g. rounds of self-training on regenerated proxy labels): each phase gets
+        # fresh loaders at the same sampler positions, so batches depend on the step only.
+        bounds = sorted({b for b in method.phases(iters) if 0 <= b < iters} | {0}) + [iters]
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if start >= b:
+                continue
+            s = max(start, a)
+            tgt_set = method.begin_phase(k, s, data) or data["target"]
+            pairs = PairedBatches(
+                train_loader(data["source"], batch_size=bs, seed=cfg.run.seed * 2, start=s * bs * world,
+                             rank=rank, world_size=world, num_workers=nw, pin_memory=pin)
+                if method.needs_source else None,
+                train_loader(tgt_set, batch_size=bs, seed=cfg.run.seed * 2 + 1, start=s * bs * world,
+                             rank=rank, world_size=world, num_workers=nw, pin_memory=pin)
+                if method.needs_target else None)
+            scores, metrics = _loop(cfg, method, ctx, pairs, data, s, b, iters, horizon, run_dir, tracker,
+                                    bar, on_checkpoint)
+        if bar is not None:
+            bar.close()
     if scores is None:  # nothing trained here (a method that does not train, or a finished run)
         metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=cfg.run.mosaic_images)
         tracker.log_metrics(metrics, step=max(iters, start))
         _final_reports(cfg, method, scores, triplets, run_dir, tracker)
-        if not method.trains:
+        if not method.trains or iters == 0:  # e.g. AdaBN, or evaluating an init_from checkpoint
             path = checkpoint_path(run_dir)
             if rank == 0:
                 save_checkpoint(path, method, 0, cfg, extra={"metrics": metrics})
@@ -457,20 +501,28 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
     return RunResult(run_dir, max(iters, start), scores, metrics, seconds)
 
 
-def _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker, progress, on_checkpoint):
+def scheduled_lr(so, step: int, horizon: int, power: float, batches_per_epoch: int) -> float:
+    """The learning rate of a :class:`~uda_ray.methods.ScheduledOptimizer` at ``step``."""
+    if so.schedule == "poly":
+        return poly_lr(so.base_lr, step, horizon, power)
+    if so.schedule == "poly_epoch":
+        epochs = max(1, math.ceil(horizon / batches_per_epoch))
+        return poly_lr(so.base_lr, step // batches_per_epoch, epochs, power)
+    if so.schedule == "const":
+        return so.base_lr
+    raise ValueError(f"unknown learning-rate schedule {so.schedule!r}; expected poly, poly_epoch or const")
+
+
+def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, tracker, bar, on_checkpoint):
+    """Steps ``start`` .. ``stop - 1`` of a run of ``iters`` steps (one phase)."""
     run = cfg.run
     sums: dict[str, torch.Tensor] = {}
     count = 0
     scores, metrics = None, {}
-    bar = None
-    if progress and ctx.rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=iters, initial=start, desc=cfg.run_name, unit="it", dynamic_ncols=True)
     t_log = time.perf_counter()
-    for step in range(start, iters):
+    for step in range(start, stop):
         for so in method.optimizers().values():
-            lr = poly_lr(so.base_lr, step, horizon, cfg.optim.poly_power) if so.schedule == "poly" else so.base_lr
+            lr = scheduled_lr(so, step, horizon, cfg.optim.poly_power, ctx.target_batches_per_epoch)
             for g in so.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_mult", 1.0)
         src, tgt = next(pairs)
@@ -481,7 +533,7 @@ def _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker
         done = step + 1
         if bar is not None:
             bar.update(1)
-        if done % run.log_every == 0 or done == iters:
+        if done % run.log_every == 0 or done == stop:
             means = {k: (v / count).item() for k, v in sums.items()}  # the one host sync
             bad = [k for k, v in means.items() if not math.isfinite(v)]
             if bad:
@@ -491,7 +543,8 @@ def _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker
                     f"Lower the learning rate or the loss weights, or check the data.")
             dt = time.perf_counter() - t_log
             means["perf/sec_per_iter"] = dt / count
-            means["lr/seg"] = method.optimizers()["seg"].optimizer.param_groups[0]["lr"]
+            if "seg" in method.optimizers():
+                means["lr/seg"] = method.optimizers()["seg"].optimizer.param_groups[0]["lr"]
             tracker.log_metrics(means, step=done)
             if bar is not None:
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")},
@@ -513,8 +566,6 @@ def _loop(cfg, method, ctx, pairs, data, start, iters, horizon, run_dir, tracker
                 path = checkpoint_path(run_dir)
             if on_checkpoint is not None:
                 on_checkpoint(path, {"step": done, **(metrics if do_eval else {})})
-    if bar is not None:
-        bar.close()
     return scores, metrics
 
 

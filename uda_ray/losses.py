@@ -40,18 +40,23 @@ def seg_loss(logits: Tensor, label: Tensor) -> Tensor:
     return F.cross_entropy(full(upsample(logits, label.shape[-2:])), label, ignore_index=IGNORE)
 
 
-def gan_loss(d_out: Tensor, domain: float, kind: str = "vanilla") -> Tensor:
+def gan_loss(d_out: Tensor, domain: float, kind: str = "vanilla", weight: Tensor | None = None) -> Tensor:
     """Adversarial loss of discriminator outputs against a constant domain label.
 
     ``vanilla``: binary cross-entropy with logits (AdaptSegNet); ``ls``: least squares
-    (mean squared error to the label, LSGAN as in DAST/ADVENT variants).
+    (squared error to the label, LSGAN as in DAST/ADVENT variants). With ``weight``, the
+    per-location losses are weighted before the mean (e.g. DAST's attention, PWW's maps):
+    ``mean(weight * loss)``; ``weight`` broadcasts against ``d_out`` and should be detached
+    by the caller unless gradients are meant to flow through it.
 
-    Shape: d_out (N, 1, h, w) raw outputs -> scalar.
+    Shape: d_out (N, 1, h, w) raw outputs, weight (N, 1, h, w) or broadcastable -> scalar.
     """
     d_out = full(d_out)
     target = torch.full_like(d_out, domain)
     if kind == "vanilla":
-        return F.binary_cross_entropy_with_logits(d_out, target)
-    if kind == "ls":
-        return F.mse_loss(d_out, target)
-    raise ValueError(f"gan kind must be one of {GAN_KINDS}, got {kind!r}")
+        loss = F.binary_cross_entropy_with_logits(d_out, target, reduction="none")
+    elif kind == "ls":
+        loss = (d_out - target) ** 2
+    else:
+        raise ValueError(f"gan kind must be one of {GAN_KINDS}, got {kind!r}")
+    return (loss if weight is None else loss * full(weight)).mean()

@@ -105,13 +105,14 @@ class PairedBatches:
     the samplers' ``start`` at its step (the step is all a checkpoint needs).
     """
 
-    def __init__(self, source: DataLoader, target: DataLoader | None):
-        self._src, self._tgt = iter(source), iter(target) if target is not None else None
+    def __init__(self, source: DataLoader | None, target: DataLoader | None):
+        self._src = iter(source) if source is not None else None
+        self._tgt = iter(target) if target is not None else None
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        src = next(self._src)
+        src = next(self._src) if self._src is not None else None
         tgt = next(self._tgt) if self._tgt is not None else None
         return src, tgt

@@ -23,11 +23,13 @@ if TYPE_CHECKING:
 @dataclass
 class ScheduledOptimizer:
     """An optimizer and how the engine schedules it: ``poly`` decays every param group's
-    ``lr = base_lr * lr_mult * (1 - step / horizon) ** power``; ``const`` keeps it."""
+    ``lr = base_lr * lr_mult * (1 - step / horizon) ** power``; ``poly_epoch`` applies the
+    same decay once per epoch of the target set (``epoch = step // batches_per_epoch`` over
+    ``ceil(horizon / batches_per_epoch)`` epochs); ``const`` keeps it."""
 
     optimizer: torch.optim.Optimizer
     base_lr: float
-    schedule: str = "poly"
+    schedule: str = "poly"  # "poly" (per iteration), "poly_epoch" (per target epoch) or "const"
 
 
 def set_requires_grad(modules, flag: bool) -> None:
@@ -62,6 +64,7 @@ class Method:
 
     name: ClassVar[str] = ""
     needs_target: ClassVar[bool] = True  # reads unlabelled target batches while training
+    needs_source: ClassVar[bool] = True  # reads labelled source batches while training
     trains: ClassVar[bool] = True  # False: no optimisation steps (e.g. AdaBN)
 
     def __init__(self, cfg: "Config", model: nn.Module, ctx: "Context"):
@@ -84,6 +87,23 @@ class Method:
     def prepare(self, target_batches) -> None:
         """Called once before training (or, for methods that do not train, instead of it)
         with an iterator of target batches."""
+
+    def phases(self, iterations: int) -> list[int]:
+        """Steps at which a phase of training begins (``[0]``: one phase). At each start the
+        engine calls :meth:`begin_phase` and rebuilds the data loaders, e.g. for rounds of
+        self-training on regenerated proxy labels."""
+        return [0]
+
+    def begin_phase(self, k: int, step: int, data: dict):
+        """Called before phase ``k`` trains, at ``step`` (the phase's first step, or the
+        resumed step inside it: it must then rebuild the same phase state). Returns the
+        dataset of target training batches for this phase, or None for ``data["target"]``."""
+        return None
+
+    def mosaic_maps(self, images: Tensor) -> dict[str, Tensor]:
+        """Extra per-pixel maps shown next to the prediction in ``mosaic.png``: name ->
+        (N, h, w) floats in [0, 1] at any resolution (e.g. an attention or agreement map)."""
+        return {}
 
     def train_step(self, src: dict, tgt: dict | None, step: int) -> dict[str, Tensor]:
         """One iteration: forward, backward and every optimizer step. Returns detached

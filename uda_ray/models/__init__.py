@@ -13,7 +13,7 @@ from uda_ray.models.batchnorm import (
     reestimate_bn,
     set_bn_mode,
 )
-from uda_ray.models.discriminators import FeatureDiscriminator, PatchDiscriminator
+from uda_ray.models.discriminators import FeatureDiscriminator, PatchDiscriminator, PooledDiscriminator
 from uda_ray.models.heads import ASPPClassifier, PPMDecoder
 from uda_ray.models.pretrained import TORCHVISION_FILES
 from uda_ray.models.segmenters import (
@@ -26,11 +26,15 @@ from uda_ray.models.segmenters import (
     TinySeg,
     build_model,
 )
+from uda_ray.models.mat import MATSegmenter, mat_r101, mat_tiny
+
+MODELS["mat_r101"] = mat_r101  # type: ignore[assignment]
+MODELS["mat_tiny"] = mat_tiny  # type: ignore[assignment]
 
 __all__ = [
     "ASPPClassifier", "BN_MODES", "DOMAINS", "DeepLabV2ResNet101", "DeepLabV2VGG16",
-    "DomainBatchNorm2d", "FeatureDiscriminator", "FrozenBatchNorm2d", "MODELS",
-    "PPMDecoder", "PatchDiscriminator", "ResNet18PPM", "SegOutput", "Segmenter",
+    "DomainBatchNorm2d", "FeatureDiscriminator", "FrozenBatchNorm2d", "MATSegmenter", "MODELS",
+    "PPMDecoder", "PatchDiscriminator", "PooledDiscriminator", "ResNet18PPM", "SegOutput", "Segmenter",
     "TORCHVISION_FILES", "TinySeg", "bn_domain", "build_model", "get_bn_mode",
     "reestimate_bn", "set_bn_mode",
 ]

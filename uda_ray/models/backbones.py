@@ -45,22 +45,25 @@ class ResNetBackbone(nn.Module):
 
     Args:
         depth: 18 or 101.
+        dilated: False keeps the plain strided ResNet (output stride 32: layer3 at 1/16,
+            layer4 at 1/32), the encoder of encoder-decoder models (MAT).
 
     Shape:
         (N, 3, H, W) -> {"layer1": (N, C1, ceil(H/4), ceil(W/4)),
         "layer2".."layer4": (N, Ck, ceil(H/8), ceil(W/8))}, channels in ``self.channels``.
     """
 
-    def __init__(self, *, depth: int) -> None:
+    def __init__(self, *, depth: int, dilated: bool = True) -> None:
         super().__init__()
         if depth == 101:
             # weights=None: never download; pretrained weights are loaded from a local file.
-            net = resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+            net = resnet101(weights=None, replace_stride_with_dilation=[False, dilated, dilated])
             self.channels = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
         elif depth == 18:
             net = resnet18(weights=None)
-            _dilate_basic_layer(net.layer3, dilation=2, previous=1)
-            _dilate_basic_layer(net.layer4, dilation=4, previous=2)
+            if dilated:
+                _dilate_basic_layer(net.layer3, dilation=2, previous=1)
+                _dilate_basic_layer(net.layer4, dilation=4, previous=2)
             self.channels = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
         else:
             raise ValueError(f"depth must be 18 or 101, got {depth}")
@@ -184,21 +187,24 @@ class TinyResNet(nn.Module):
     Args:
         widths: channels of layer1..layer4.
         blocks: basic blocks per stage.
+        dilated: False makes layer3/layer4 strided instead (output stride 32), as the
+            encoder of encoder-decoder models (MAT).
 
     Shape:
         (N, 3, H, W) -> {"layer1": (N, widths[0], ceil(H/4), ceil(W/4)),
-        "layer2".."layer4": (N, widths[k], ceil(H/8), ceil(W/8))}
+        "layer2".."layer4": (N, widths[k], ceil(H/8), ceil(W/8))} (dilated; else layer3 at
+        1/16 and layer4 at 1/32)
     """
 
     def __init__(self, *, widths: tuple[int, int, int, int] = (16, 32, 64, 128),
-                 blocks: tuple[int, int, int, int] = (2, 2, 2, 2)) -> None:
+                 blocks: tuple[int, int, int, int] = (2, 2, 2, 2), dilated: bool = True) -> None:
         super().__init__()
         if len(widths) != 4 or len(blocks) != 4:
             raise ValueError("widths and blocks need one entry per stage (4)")
         self.conv1 = nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        strides, dilations = (2, 2, 1, 1), (1, 1, 2, 4)
+        strides, dilations = ((2, 2, 1, 1), (1, 1, 2, 4)) if dilated else ((2, 2, 2, 2), (1, 1, 1, 1))
         cin, prev_d = widths[0], 1
         for k in range(4):
             stage = [_BasicBlock(cin, widths[k], stride=strides[k], dilation=dilations[k],

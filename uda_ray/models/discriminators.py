@@ -79,3 +79,43 @@ class PatchDiscriminator(FeatureDiscriminator):
     def __init__(self, in_channels: int, *, ndf: int = 64) -> None:
         super().__init__(in_channels, widths=(ndf, ndf * 2, ndf * 4, ndf * 8), kernel_size=4,
                          stride=2, out_channels=1, negative_slope=0.2, padding=1)
+
+
+class PooledDiscriminator(nn.Module):
+    """MAT's patch discriminator on features: 3x3 convs each followed by a LeakyReLU, with
+    stride-2 average pooling after the first ``pools`` of them, then a 3x3 conv to one
+    logit per location. ``pools`` sets the output resolution, so discriminators on features
+    of different strides all answer at 1/32 of the input (MAT Sec. 2.4): D1 on the
+    decoder's 1/4 features uses 3 pools, D2 on the 1/16 mid-level features 1.
+
+    Args:
+        in_channels: channels of the features judged.
+        widths: output channels of the hidden convs.
+        pools: average poolings (each halves the resolution), after the first convs.
+        negative_slope: slope of the LeakyReLU.
+
+    Shape:
+        (N, in_channels, H, W) -> (N, 1, H / 2**pools, W / 2**pools) (floor per pooling)
+
+    Example:
+        >>> PooledDiscriminator(128, pools=3)(torch.randn(1, 128, 64, 128)).shape
+        torch.Size([1, 1, 8, 16])
+    """
+
+    def __init__(self, in_channels: int, *, widths: Sequence[int] = (64, 128, 256, 512), pools: int = 3,
+                 negative_slope: float = 0.2) -> None:
+        super().__init__()
+        if not 0 <= pools <= len(widths):
+            raise ValueError(f"pools must be in [0, {len(widths)}], got {pools}")
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(cin, w, 3, padding=1), nn.LeakyReLU(negative_slope, inplace=True)]
+            if i < pools:
+                layers.append(nn.AvgPool2d(2, ceil_mode=True))
+            cin = w
+        layers.append(nn.Conv2d(cin, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -249,11 +249,74 @@ class TinySeg(Segmenter):
         self._load_pretrained(pretrained)
 
 
+class TinyPPM(Segmenter):
+    """The CPU-sized :class:`ResNet18PPM`: the :class:`TinySeg` encoder (TinyResNet, output
+    stride 8, dilated layer3/layer4) with one or more PSPNet PPM decoders on layer4.
+
+    Same logits and feature names as :class:`ResNet18PPM` ("main", "dec2", ...;
+    "decoder", "decoder2", ...), so the curriculum's branch ensemble runs on it unchanged.
+    The fused decoder width defaults to the encoder's layer4 width (ResNet18PPM: 512 on
+    512), which keeps the decoders as light relative to the encoder as in the paper.
+
+    Args:
+        num_classes: classes predicted.
+        num_decoders: number of decoders on the shared encoder (>= 1).
+        bins: pyramid pooling bins.
+        widths: channels of layer1..layer4 of the encoder.
+        blocks: residual blocks per stage.
+        decoder_channels: channels of each decoder's fused feature (default: ``widths[3]``).
+        dropout: dropout before each classifier.
+        pretrained: None or a path to a state dict of a TinyResNet backbone.
+
+    Shape:
+        (N, 3, H, W) -> logits (N, num_classes, ceil(H/8), ceil(W/8)) per decoder;
+        features "layer1" (N, widths[0], ceil(H/4), ceil(W/4)), "layer2".."layer4"
+        (N, widths[k], ceil(H/8), ceil(W/8)), "decoder*" (N, decoder_channels, ...).
+
+    Example:
+        >>> m = TinyPPM(num_classes=19, num_decoders=2)
+        >>> sorted(m(torch.randn(1, 3, 64, 96)).logits)
+        ['dec2', 'main']
+    """
+
+    torchvision_arch = None
+
+    def __init__(self, *, num_classes: int, num_decoders: int = 1,
+                 bins: tuple[int, ...] = (1, 2, 3, 6),
+                 widths: tuple[int, int, int, int] = (16, 32, 64, 128),
+                 blocks: tuple[int, int, int, int] = (2, 2, 2, 2), decoder_channels: int | None = None,
+                 dropout: float = 0.1, pretrained: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        if num_decoders < 1:
+            raise ValueError(f"num_decoders must be >= 1, got {num_decoders}")
+        self.num_classes, self.output_stride = num_classes, 8
+        self.backbone = TinyResNet(widths=widths, blocks=blocks)
+        c4, channels = widths[3], decoder_channels or widths[3]
+        names = ["main"] + [f"dec{k}" for k in range(2, num_decoders + 1)]
+        self._decoder_features = {n: ("decoder" if n == "main" else f"decoder{n[3:]}")
+                                  for n in names}
+        self.head_inputs = {n: "layer4" for n in names}
+        self.heads = nn.ModuleDict({
+            n: PPMDecoder(c4, num_classes, bins=bins, channels=channels, dropout=dropout)
+            for n in names})
+        self.feature_channels = dict(self.backbone.channels) | {
+            f: channels for f in self._decoder_features.values()}
+        self._load_pretrained(pretrained)
+
+    def forward(self, x: Tensor) -> SegOutput:
+        feats = self.backbone(x)
+        logits = {}
+        for name, decoder in self.heads.items():
+            feats[self._decoder_features[name]], logits[name] = decoder(feats["layer4"])
+        return SegOutput(logits, feats)
+
+
 MODELS: dict[str, type[Segmenter]] = {
     "deeplabv2_r101": DeepLabV2ResNet101,
     "deeplabv2_vgg16": DeepLabV2VGG16,
     "r18_ppm": ResNet18PPM,
     "tiny": TinySeg,
+    "tiny_ppm": TinyPPM,
 }
 
 
@@ -262,7 +325,7 @@ def build_model(name: str, *, num_classes: int, pretrained: str | os.PathLike | 
     """Build a segmenter by name (see :data:`MODELS`); ``kw`` go to its constructor.
 
     Args:
-        name: "deeplabv2_r101", "deeplabv2_vgg16", "r18_ppm" or "tiny".
+        name: "deeplabv2_r101", "deeplabv2_vgg16", "r18_ppm", "tiny" or "tiny_ppm".
         num_classes: classes predicted.
         pretrained: None, ``"torchvision"`` or a local path; loaded into the backbone only.
 

@@ -1,0 +1,384 @@
+"""Proxy (pseudo) labels for the target training set, shared by MAT, DAST and the curriculum.
+
+Thresholds come from the statistics of the *whole* target set, so they are computed in
+streaming passes over it with bounded memory: each pass runs the model image by image and
+adds the scores it needs to fixed-size histograms (``bins`` per class, on the model's
+device), and a threshold is read off the histogram's upper tail. A threshold is exact to
+within one bin (``1 / bins``) of ``numpy.percentile`` over all the scores, which is tested;
+memory is ``classes x bins`` counters whatever the size of the set. The last pass writes
+one label PNG per image (train ids, 255 = ignore, the train palette so that it opens as a
+coloured map) beside the run.
+
+Policies (``ProxyPolicy.kind``):
+
+- ``global``: the top ``portion`` of all pixels by classification confidence (max softmax
+  probability) keep their argmax; DAST's top-q selection.
+- ``class_balanced``: CBST (Zou et al., ECCV 2018). For each class c, t_c is the
+  confidence at the top ``portion`` of the pixels *predicted* as c; a pixel takes
+  ``argmax_c P_c / t_c`` where that ratio is at least 1.
+- ``adversarial``: MAT's confidence refocusing (Shen et al., Eq. 5). t1 is the threshold
+  of the top ``portion`` (p1) of the adversarial confidence A over the whole set; t2 is
+  the class-balanced threshold vector of ``portion2`` (p2) computed only over pixels with
+  A > t1; a pixel takes ``argmax_l P_l / t2_l`` where ``P_l > t2_l`` and ``A > t1``.
+
+Thresholds are histogram bin edges, so ties at a threshold are kept (``>=``, where Eq. 5
+writes ``>``): the kept set is then at least the requested portion.
+
+Scores are computed at the network input size (logits upsampled bilinearly,
+``align_corners=True``, then the softmax), which is also the size of the written labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+IGNORE = 255
+POLICIES = ("global", "class_balanced", "adversarial")
+
+# score_fn(images) -> (probabilities (N, C, H, W) at the input size, adversarial
+# confidence (N, H, W) in [0, 1] or None)
+ScoreFn = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
+class Histogram:
+    """Counts of scores in ``[lo, hi]`` per channel, ``bins`` equal bins, on any device.
+
+    Args:
+        channels: independent histograms (e.g. one per class).
+        bins: bins per histogram; the resolution of thresholds is ``(hi - lo) / bins``.
+
+    Example:
+        >>> h = Histogram(1, bins=10)
+        >>> h.add(torch.tensor([0.05, 0.55, 0.95, 0.97]))
+        >>> h.top_threshold(0.5)  # the top half of the values are >= 0.5
+        tensor([0.5000], dtype=torch.float64)
+    """
+
+    def __init__(self, channels: int = 1, *, bins: int = 2048, lo: float = 0.0, hi: float = 1.0,
+                 device: torch.device | str = "cpu"):
+        self.channels, self.bins, self.lo, self.hi = channels, bins, lo, hi
+        self.counts = torch.zeros(channels, bins, dtype=torch.int64, device=device)
+
+    @property
+    def width(self) -> float:
+        return (self.hi - self.lo) / self.bins
+
+    def add(self, values: Tensor, channel: Tensor | None = None) -> None:
+        """Add 1-D ``values``, each to histogram ``channel[i]`` (0 when None)."""
+        idx = ((values.float() - self.lo) / self.width).long().clamp_(0, self.bins - 1)
+        if channel is not None:
+            idx = idx + channel.long() * self.bins
+        self.counts += torch.bincount(idx, minlength=self.channels * self.bins).view(self.channels, self.bins)
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.counts)
+
+    def total(self) -> Tensor:
+        return self.counts.sum(1)
+
+    def top_threshold(self, portion: float) -> Tensor:
+        """Per channel, the lower edge t of the highest bin such that the values >= t are at
+        least ``portion`` of the channel's values: within one bin of
+        ``numpy.percentile(values, 100 * (1 - portion))``. ``inf`` for an empty channel or
+        ``portion == 0`` (select nothing); float64, on the CPU."""
+        counts = self.counts.double().cpu()
+        tail = counts.flip(1).cumsum(1).flip(1)  # tail[c, b] = values in bins >= b
+        need = portion * counts.sum(1, keepdim=True)
+        ok = tail >= need  # true for b <= the bin sought (tail is non-increasing)
+        b = ok.sum(1) - 1  # the highest such bin
+        t = self.lo + b.double() * self.width
+        empty = (counts.sum(1) == 0) | (portion <= 0)
+        return torch.where(empty, torch.full_like(t, math.inf), t)
+
+
+@dataclass
+class ProxyPolicy:
+    """Which pixels become proxy labels (see the module docstring)."""
+
+    kind: str = "class_balanced"
+    portion: float = 0.5  # global / class_balanced: the top portion kept; adversarial: p1
+    portion2: float = 1.0  # adversarial only: p2, class-balanced portion among A > t1
+    bins: int = 2048
+
+    def __post_init__(self):
+        if self.kind not in POLICIES:
+            raise ValueError(f"proxy policy must be one of {POLICIES}, got {self.kind!r}")
+        for name in ("portion", "portion2"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"proxy policy {name} must be in [0, 1], got {v}")
+
+
+@dataclass
+class Thresholds:
+    """What the histogram passes found: ``t`` (global, shape (1,)), per-class ``t_class``
+    (class_balanced: t_c; adversarial: t2), and ``t1`` (adversarial)."""
+
+    t: Tensor | None = None
+    t_class: Tensor | None = None
+    t1: float | None = None
+
+
+def label_map(probs: Tensor, conf: Tensor | None, policy: ProxyPolicy, th: Thresholds) -> Tensor:
+    """Proxy labels (N, H, W) int64 with ``IGNORE``, from probabilities (N, C, H, W) and,
+    for the adversarial policy, the confidence A (N, H, W). Pure function of its inputs:
+    the equations of the policies, pinned by tests."""
+    if policy.kind == "global":
+        pmax, pred = probs.max(1)
+        keep = pmax >= th.t.to(probs.device, probs.dtype)
+        return torch.where(keep, pred, torch.full_like(pred, IGNORE))
+    t_c = th.t_class.to(probs.device, torch.float64).view(1, -1, 1, 1)
+    ratio = probs.double() / t_c  # inf thresholds (classes never predicted) give ratio 0
+    rmax, pred = ratio.max(1)
+    # Eq. 5: P_l > t2_l at l = argmax_l P_l / t2_l, and A > t1. Ties at a threshold are
+    # kept (>=): thresholds are bin edges, and the kept set is then at least the portion.
+    keep = rmax >= 1.0
+    if policy.kind == "adversarial":
+        keep &= conf >= th.t1
+    return torch.where(keep, pred, torch.full_like(pred, IGNORE))
+
+
+def compute_thresholds(batches: Callable[[], object], score_fn: ScoreFn, policy: ProxyPolicy,
+                       num_classes: int, device: torch.device) -> Thresholds:
+    """The histogram passes over the target set (1 for global / class_balanced, 2 for
+    adversarial). ``batches()`` returns a fresh iterator of image batches (on device)."""
+    th = Thresholds()
+    if policy.kind == "adversarial":
+        h1 = Histogram(1, bins=policy.bins, device=device)
+        with torch.no_grad():
+            for images in batches():
+                _, conf = score_fn(images)
+                if conf is None:
+                    raise ValueError("the adversarial proxy policy needs a confidence map from score_fn")
+                h1.add(conf.reshape(-1))
+        h1.all_reduce()
+        th.t1 = float(h1.top_threshold(policy.portion)[0])
+    hist = Histogram(1 if policy.kind == "global" else num_classes, bins=policy.bins, device=device)
+    with torch.no_grad():
+        for images in batches():
+            probs, conf = score_fn(images)
+            pmax, pred = probs.max(1)
+            if policy.kind == "global":
+                hist.add(pmax.reshape(-1))
+                continue
+            if policy.kind == "adversarial":  # only the domain-invariant region counts for t2
+                sel = conf >= th.t1
+                pmax, pred = pmax[sel], pred[sel]
+            hist.add(pmax.reshape(-1), pred.reshape(-1))
+    hist.all_reduce()
+    if policy.kind == "global":
+        th.t = hist.top_threshold(policy.portion)
+    else:
+        th.t_class = hist.top_threshold(policy.portion if policy.kind == "class_balanced" else policy.portion2)
+    return th
+
+
+@dataclass
+class ProxyStats:
+    """Summary of one generation, logged as ``proxy/*``."""
+
+    images: int = 0
+    pixels: int = 0
+    kept: int = 0
+    kept_per_class: list = field(default_factory=list)
+    correct: int = 0  # kept pixels that agree with the ground truth, when the set has labels
+    judged: int = 0  # kept pixels with a valid ground-truth label
+    seconds: float = 0.0
+    peak_mem_mb: float = 0.0
+    thresholds: Thresholds | None = None
+
+    def metrics(self, class_names: list[str] | None = None) -> dict[str, float]:
+        out = {"proxy/kept_frac": self.kept / max(1, self.pixels), "proxy/seconds": self.seconds,
+               "proxy/images": float(self.images)}
+        if self.judged:
+            out["proxy/precision"] = self.correct / self.judged
+        th = self.thresholds
+        if th is not None and th.t1 is not None:
+            out["proxy/t1"] = th.t1
+        if th is not None and th.t is not None:
+            out["proxy/t"] = float(th.t[0])
+        if class_names and self.kept:
+            for name, k in zip(class_names, self.kept_per_class):
+                out[f"proxy/class_frac/{name}"] = k / self.kept
+        return out
+
+
+def save_label_png(path: Path, label: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """A uint8 label map as an indexed PNG (train ids; palette for viewing), atomically."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(label.astype(np.uint8), mode="P")
+    if palette is not None:
+        pal = np.zeros((256, 3), dtype=np.uint8)
+        pal[: len(palette)] = palette
+        img.putpalette(pal.reshape(-1).tolist())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def proxy_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / Path(name).with_suffix(".png")
+
+
+DONE_FILE = "DONE"
+
+
+def generate(dataset, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Path, *,
+             num_classes: int, device: torch.device, to_device=None, num_workers: int = 0,
+             progress: bool | None = None, rank: int = 0, world_size: int = 1,
+             on_image: Callable[[dict, Tensor], None] | None = None) -> ProxyStats:
+    """Proxy labels for every image of ``dataset`` (eval transform, at the network input
+    size), written to ``out_dir/<image name>.png``, with a ``DONE`` file last.
+
+    The histogram passes are sharded over DDP ranks and their counts summed; every rank
+    then labels every image (so each rank's training loader finds every file), writing
+    atomically. ``on_image(sample, labels)`` sees each labelled image (e.g. for a mosaic).
+    Ground truth, when ``dataset`` has labels, is read only to report
+    ``proxy/precision``; it never selects anything.
+    """
+    from .data import eval_loader
+    from .data.labels import train_palette
+
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    to_device = to_device or (lambda b: {**b, "image": b["image"].to(device)})
+    out_dir = Path(out_dir)
+
+    def batches(shard: bool = True, desc: str = "proxy stats"):
+        loader = eval_loader(dataset, batch_size=1, rank=rank if shard else 0,
+                             world_size=world_size if shard else 1, num_workers=num_workers)
+        from tqdm import tqdm
+
+        show = (rank == 0) if progress is None else (progress and rank == 0)
+        return tqdm(loader, desc=desc, unit="img", leave=False, disable=None if show else True)
+
+    th = compute_thresholds(lambda: (to_device(b)["image"] for b in batches()), score_fn, policy,
+                            num_classes, device)
+    stats = ProxyStats(kept_per_class=[0] * num_classes, thresholds=th)
+    counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
+    judged = torch.zeros(2, dtype=torch.int64, device=device)
+    pal = train_palette(num_classes)
+    with torch.no_grad():
+        for batch in batches(shard=False, desc="proxy labels"):
+            b = to_device(batch)
+            probs, conf = score_fn(b["image"])
+            lab = label_map(probs, conf, policy, th)
+            counts += torch.bincount(torch.where(lab == IGNORE, num_classes, lab).reshape(-1),
+                                     minlength=num_classes + 1)
+            if "label" in batch:
+                gt = batch["label"].to(device)
+                if gt.shape[-2:] != lab.shape[-2:]:
+                    gt = torch.nn.functional.interpolate(gt[:, None].float(), size=lab.shape[-2:],
+                                                         mode="nearest")[:, 0].long()
+                ok = (lab != IGNORE) & (gt != IGNORE)
+                judged += torch.stack([(ok & (lab == gt)).sum(), ok.sum()])
+            lab_np = lab.to(torch.uint8).cpu().numpy()
+            for i, name in enumerate(batch["name"]):
+                save_label_png(proxy_path(out_dir, name), lab_np[i], pal)
+            if on_image is not None:
+                on_image(batch, lab.cpu())
+            stats.images += lab.shape[0]
+    c = counts.cpu().tolist()
+    stats.kept_per_class = c[:num_classes]
+    stats.kept = sum(c[:num_classes])
+    stats.pixels = sum(c)
+    stats.correct, stats.judged = judged.cpu().tolist()
+    stats.seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        stats.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        stats.peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if rank == 0:
+        (out_dir / DONE_FILE).write_text(f"{stats.images} images\n")
+    return stats
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    return (Path(out_dir) / DONE_FILE).is_file()
+
+
+class ProxyLabelled(torch.utils.data.Dataset):
+    """A target dataset whose labels are the proxy PNGs of ``label_dir`` (same names).
+
+    The image is resized to the proxy's size before the dataset's (training) transform, so
+    augmentations apply to image and proxy jointly. Samples are like the readers'.
+    """
+
+    def __init__(self, base, label_dir: str | Path):
+        self.base, self.label_dir = base, Path(label_dir)
+        self.num_classes = base.num_classes
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        from PIL import Image
+
+        from .data.datasets import i_seed
+        from .data.io import read_index_png, read_rgb
+
+        i, seed = key if isinstance(key, tuple) else (key, i_seed(key))
+        name = self.base.relname(i)
+        label = read_index_png(proxy_path(self.label_dir, name))
+        image = read_rgb(self.base.samples[i][0])
+        if image.size != (label.shape[1], label.shape[0]):
+            image = image.resize((label.shape[1], label.shape[0]), Image.BICUBIC)
+        image_t, label_t = self.base.transform(image, label, np.random.default_rng(seed))
+        return {"image": image_t, "label": label_t, "name": name, "index": i}
+
+
+def softmax_at(logits: Tensor, size) -> Tensor:
+    """Softmax of logits upsampled (bilinear, align_corners=True) to ``size``, float32."""
+    from .losses import upsample
+
+    return torch.softmax(upsample(logits.float(), size), dim=1)
+
+
+def generate_for_run(ctx, data: dict, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Path, *,
+                     step: int, mosaic: int = 4) -> ProxyStats | None:
+    """Proxy labels of a run's target training set into ``out_dir`` unless a complete set is
+    already there (a resumed run), with ``proxy/*`` metrics and a mosaic (image | ground
+    truth when the set has it | proxy) logged through the run's tracker. Returns the stats,
+    or None when the labels were already on disk."""
+    out_dir = Path(out_dir)
+    if is_complete(out_dir):
+        return None
+    cfg = ctx.cfg
+    rows: list = []
+
+    def keep(batch, lab):
+        if len(rows) < mosaic and ctx.rank == 0:
+            gt = batch.get("label", torch.full(lab.shape, IGNORE, dtype=torch.long))[0]
+            proxy = torch.nn.functional.interpolate(lab[:1, None].float(), size=gt.shape[-2:],
+                                                    mode="nearest")[0, 0].long()
+            rows.append((batch["image"][0], gt, torch.where(proxy == IGNORE, cfg.data.num_classes, proxy)))
+
+    stats = generate(data["target_eval"], score_fn, policy, out_dir, num_classes=cfg.data.num_classes,
+                     device=ctx.device, to_device=ctx.to_device, num_workers=min(2, cfg.run.num_workers),
+                     rank=ctx.rank, world_size=ctx.world_size, on_image=keep)
+    if ctx.rank == 0 and ctx.tracker is not None:
+        from .data.labels import class_names
+        from .engine import mosaic_png
+
+        ctx.tracker.log_metrics(stats.metrics(class_names(cfg.data.num_classes)), step=step)
+        if rows:
+            path = mosaic_png(rows, out_dir.parent / f"{out_dir.name}_mosaic.png", norm=cfg.data.norm,
+                              num_classes=cfg.data.num_classes)
+            ctx.tracker.log_artifact(path)
+    return stats
