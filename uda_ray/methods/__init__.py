@@ -4,8 +4,10 @@ registers every method's config section."""
 from .adabn import AdaBN
 from .adaptseg import AdaptSeg
 from .base import Method, ScheduledOptimizer
+from .dast import DAST
+from .mat import MAT
 from .source_only import SourceOnly
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SourceOnly, AdaBN, AdaptSeg)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SourceOnly, AdaBN, AdaptSeg, MAT, DAST)}
 
-__all__ = ["METHODS", "Method", "ScheduledOptimizer", "AdaBN", "AdaptSeg", "SourceOnly"]
+__all__ = ["METHODS", "Method", "ScheduledOptimizer", "AdaBN", "AdaptSeg", "SourceOnly", "MAT", "DAST"]

@@ -1,0 +1,234 @@
+"""DAST (Yu et al., AAAI 2021): discriminator attention (a discoverer D on intermediate
+features, a corrector C on outputs, attention alpha = |D(f_t)|) and self-training.
+
+Overall loss: L_seg + lambda_d L^D_adv + lambda_c L^C_adv + mu L_p_seg (lambda_d = lambda_c
+= 0.01, mu = 1), least-squares adversarial losses (LSGAN). The segmenter S = P o E is split
+at the classifier head: f = E(x) is the feature the head reads (layer4 for DeepLab), P the
+ASPP head.
+
+One iteration:
+  1. segmentation on source: L_seg = CE(P(f_s), y_s);
+  2. target with D and C frozen: the discoverer's adversarial term (D(f_t) - 0)^2; the
+     attention alpha = |D(f_t)| and f_t' = f_t + f_t * expand(tanh(alpha)); p_t = P(f_t');
+     the corrector's term (C(p_t) - 0)^2 weighted per location by alpha; with
+     self-training, mu CE(p_t, pseudo labels);
+  3. D on detached f_s (-> 0) and f_t (-> 1); C on detached softmax(p_s) (-> 0) and
+     softmax(p_t) (-> 1).
+
+Self-training (Algorithm 1): ``dast.self_training`` runs ``dast.rounds`` rounds over the
+run's iterations; at the start of each the current model labels the top ``dast.q`` portion
+of the target pixels (the shared proxy module), and the round trains with the three losses
+above plus mu L_p_seg. The DA-only model is the usual ``init_from`` of that run.
+
+Choices where the paper is silent:
+- Gradients flow through alpha into E (D frozen): the paper's tanh "to prevent the
+  gradient explosion" only makes sense if they do.
+- The corrector's loss is weighted by alpha itself (detached), average-pooled to C's
+  output grid; only the segmenter's side of L^C is weighted (C's own loss is not).
+- ``dast.test_attention``: the released code applies the attention on the target path at
+  test time as well (the default here); false predicts with P(f) as on source.
+- ``dast.pseudo``: the paper's "top q of pixels with higher probability" is one global
+  threshold (``global``); the release, built on BDL's code, thresholds each predicted
+  class at its own top q (``class_balanced``).
+- The discoverer reads ``f`` before the attention; without ``dast.attention`` (Table 3's
+  "+MSE+2D") D still aligns f but neither reweights f nor C's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError, knob, register_method_config
+from ..losses import SOURCE, TARGET, full, gan_loss, seg_loss, upsample
+from ..models import FeatureDiscriminator, PatchDiscriminator
+from ..models.batchnorm import bn_domain
+from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run, is_complete
+from .base import Method, discriminator_optimizer, set_requires_grad
+
+
+@register_method_config("dast")
+@dataclass
+class DASTConfig:
+    mse: bool = knob(True, "least-squares adversarial losses (Table 3 '+MSE'); false: BCE (the baseline)")
+    two_disc: bool = knob(True, "the discoverer D aligns intermediate features too (Table 3 '+2D')")
+    attention: bool = knob(True, "alpha = |D(f_t)| reweights f_t and the corrector's loss (Table 3 '+Atten.')")
+    self_training: bool = knob(False, "rounds of self-training on top-q pseudo labels (DAST vs DA)")
+    test_attention: bool = knob(True, "apply the attention on target images at test time (the released code)")
+    lambda_d: float = knob(0.01, "weight of the discoverer's adversarial loss (paper 0.01)", lo=0.0)
+    lambda_c: float = knob(0.01, "weight of the corrector's adversarial loss (paper 0.01)", lo=0.0)
+    mu: float = knob(1.0, "weight of the pseudo-label loss (paper 1)", lo=0.0)
+    q: float = knob(0.5, "portion of target pixels kept as pseudo labels (paper 0.5)", lo=0.0, hi=1.0, lo_open=True)
+    rounds: int = knob(3, "self-training rounds K over the run's iterations (paper 3)", lo=1)
+    pseudo: str = knob("global", "top-q over all pixels (paper text) or per predicted class (release)",
+                       choices=("global", "class_balanced"))
+    ndf: int = knob(64, "corrector width (paper 64: 64-128-256-512-1)", lo=1)
+    d_width: int = knob(256, "discoverer width (paper 256: 256-128-64-1, 3x3, stride 1)", lo=4)
+    bins: int = knob(2048, "histogram bins of the streaming pseudo-label threshold", lo=16)
+
+
+class DAST(Method):
+    name = "dast"
+
+    def __init__(self, cfg, model, ctx):
+        super().__init__(cfg, model, ctx)
+        p = self.p
+        if p.attention and not p.two_disc:
+            raise ConfigError("dast.attention: needs dast.two_disc=true (alpha comes from the discoverer)")
+        if "main" not in getattr(model, "head_inputs", {}):
+            raise ConfigError(f"model.arch: DAST needs a segmenter with a 'main' head on a feature, got {cfg.model.arch!r}")
+        self.feature = model.head_inputs["main"]
+        self.gan = "ls" if p.mse else "vanilla"
+        c = cfg.data.num_classes
+        self.corrector = PatchDiscriminator(c, ndf=p.ndf).to(ctx.device)
+        w = p.d_width
+        self.discoverer = (FeatureDiscriminator(model.feature_channels[self.feature], widths=(w, w // 2, w // 4),
+                                                kernel_size=3, stride=1).to(ctx.device) if p.two_disc else None)
+        self.discs = [d for d in (self.discoverer, self.corrector) if d is not None]
+        self.opt_d = discriminator_optimizer(cfg, self.discs)
+        # the model at the start of the current self-training round: it labels the round's
+        # targets, and a resumed run regenerates them from it if they are not on disk
+        self.generator = (torch.nn.ModuleDict({"model": copy.deepcopy(model), **(
+            {"discoverer": copy.deepcopy(self.discoverer)} if self.discoverer is not None else {})})
+            if p.self_training else None)
+
+    def modules(self):
+        mods = {"model": self.model, "corrector": self.corrector}
+        if self.discoverer is not None:
+            mods["discoverer"] = self.discoverer
+        if self.generator is not None:
+            mods["generator"] = self.generator
+        return mods
+
+    def optimizers(self):
+        return {"seg": self.opt_g, "disc": self.opt_d}
+
+    # --- the attention ------------------------------------------------------------------
+    def forward_target(self, images, *, attention: bool, model=None, discoverer=None, need_d: bool = True):
+        """(logits of the main head, feature f_t, D(f_t) or None, alpha or None)."""
+        model, discoverer = model or self.model, discoverer or self.discoverer
+        f = model.backbone(images)[self.feature]
+        d_out = discoverer(f) if discoverer is not None and (need_d or attention) else None
+        alpha = d_out.abs() if attention else None
+        f_in = attend(f, alpha) if attention else f
+        return model.heads["main"](f_in), f, d_out, alpha
+
+    # --- one iteration --------------------------------------------------------------------
+    def train_step(self, src, tgt, step):
+        model, p = self.model, self.p
+        opt_g, opt_d = self.opt_g.optimizer, self.opt_d.optimizer
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+        set_requires_grad(self.discs, False)
+        logs = {}
+        # 1. segmentation on source
+        with bn_domain(model, "source"), self.ctx.autocast():
+            feats_s = model.backbone(src["image"])
+            f_s = feats_s[self.feature]
+            logits_s = model.heads["main"](f_s)
+        loss_seg = seg_loss(logits_s, src["label"])
+        loss_seg.backward()
+        logs["loss/seg_src"] = loss_seg.detach()
+        size_s, size_t = src["image"].shape[-2:], tgt["image"].shape[-2:]
+        prob_s = F.softmax(upsample(full(logits_s.detach()), size_s), dim=1)
+
+        # 2. target, D and C frozen: fool both into "source"; attention; pseudo labels
+        with bn_domain(model, "target"), self.ctx.autocast():
+            logits_t, f_t, d_t, alpha = self.forward_target(tgt["image"], attention=p.attention)
+            prob_t = F.softmax(upsample(full(logits_t), size_t), dim=1)
+            c_t = self.corrector(prob_t)
+            loss = 0.0
+            if d_t is not None:
+                adv_d = gan_loss(d_t, SOURCE, self.gan)
+                loss = loss + p.lambda_d * adv_d
+                logs["loss/adv_tgt_discoverer"] = adv_d.detach()
+            weight = F.adaptive_avg_pool2d(full(alpha.detach()), c_t.shape[-2:]) if alpha is not None else None
+            adv_c = gan_loss(c_t, SOURCE, self.gan, weight=weight)
+            loss = loss + p.lambda_c * adv_c
+            logs["loss/adv_tgt_corrector"] = adv_c.detach()
+            if alpha is not None:
+                logs["attention/mean"] = alpha.detach().float().mean()
+        if p.self_training:
+            loss_p = seg_loss(logits_t, tgt["label"])
+            loss = loss + p.mu * loss_p
+            logs["loss/seg_pseudo"] = loss_p.detach()
+        loss.backward()
+        set_requires_grad(self.discs, True)
+
+        # 3. discoverer on detached features, corrector on detached outputs: source 0, target 1
+        with self.ctx.autocast():
+            if self.discoverer is not None:
+                loss_d = (gan_loss(self.discoverer(f_s.detach()), SOURCE, self.gan)
+                          + gan_loss(self.discoverer(f_t.detach()), TARGET, self.gan))
+                loss_d.backward()
+                logs["loss/disc_discoverer"] = loss_d.detach()
+            loss_c = (gan_loss(self.corrector(prob_s), SOURCE, self.gan)
+                      + gan_loss(self.corrector(prob_t.detach()), TARGET, self.gan))
+            loss_c.backward()
+            logs["loss/disc_corrector"] = loss_c.detach()
+        opt_g.step()
+        opt_d.step()
+        return logs
+
+    # --- self-training rounds ---------------------------------------------------------------
+    def phases(self, iterations):
+        if not self.p.self_training:
+            return [0]
+        k = min(self.p.rounds, iterations)
+        return [r * iterations // k for r in range(k)]
+
+    def begin_phase(self, k, step, data):
+        if not self.p.self_training:
+            return None
+        out_dir = self.ctx.run_dir / "proxies" / f"round{k}"
+        starts = self.phases(self.cfg.run.iterations)
+        if step == starts[k]:  # the round starts here: its labels come from the current model
+            self.generator["model"].load_state_dict(self.model.state_dict())
+            if self.discoverer is not None:
+                self.generator["discoverer"].load_state_dict(self.discoverer.state_dict())
+        if not is_complete(out_dir):  # else a resumed round finds its labels on disk
+            policy = ProxyPolicy(self.p.pseudo, portion=self.p.q, bins=self.p.bins)
+            stats = generate_for_run(self.ctx, data, self._score(self.generator), policy, out_dir, step=step)
+            if stats is not None and self.ctx.tracker is not None and self.ctx.rank == 0:
+                self.ctx.tracker.log_metrics({"proxy/round": float(k)}, step=step)
+        return ProxyLabelled(data["target"], out_dir)
+
+    def _score(self, gen):
+        """score_fn of the round's generator: probabilities as the model predicts them."""
+        net, disc = gen["model"], gen["discoverer"] if "discoverer" in gen else None
+
+        def score(images):
+            was = net.training
+            net.eval()
+            with torch.no_grad(), bn_domain(net, "target"), self.ctx.autocast():
+                logits, _, _, _ = self.forward_target(images, attention=self.p.attention and self.p.test_attention,
+                                                      model=net, discoverer=disc, need_d=False)
+            net.train(was)
+            return torch.softmax(upsample(logits.float(), images.shape[-2:]), dim=1), None
+
+        return score
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images):
+        with bn_domain(self.model, "target"), self.ctx.autocast():
+            logits, _, _, _ = self.forward_target(images, attention=self.p.attention and self.p.test_attention,
+                                                  need_d=False)
+        return logits.float()
+
+    @torch.no_grad()
+    def mosaic_maps(self, images):
+        if not self.p.attention:
+            return {}
+        with bn_domain(self.model, "target"), self.ctx.autocast():
+            f = self.model.backbone(images)[self.feature]
+            return {"attention": torch.tanh(self.discoverer(f).abs())[:, 0].float()}
+
+
+def attend(f, alpha):
+    """DAST's residual attention: f' = f + f (.) expand(tanh(alpha)), alpha = |D(f)|.
+    Shapes: f (N, C, h, w), alpha (N, 1, h, w) -> (N, C, h, w)."""
+    return f + f * torch.tanh(alpha)
