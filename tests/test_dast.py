@@ -141,3 +141,26 @@ def test_bad_switches_name_the_key(data_root, tmp_path):
         _method(data_root, tmp_path, **{"dast.two_disc": False, "dast.attention": True})
     with pytest.raises(ConfigError, match="dast.q"):
         tiny_cfg(data_root, tmp_path, "dast", **{"dast.q": 0.0})
+    with pytest.raises(ConfigError, match="model.arch"):  # an encoder-decoder has no P o E split at a head
+        _method(data_root, tmp_path, **{"model.arch": "mat_tiny"})
+
+
+def test_later_stages_continue_the_discriminators_of_init_from(data_root, tmp_path):
+    """Algorithm 1: self-training starts from the DA model's D and C (its attention), and an
+    evaluation-only run with test-time attention refuses a checkpoint without a discoverer."""
+    from uda_ray.config import ConfigError
+
+    common = {"dast.ndf": 8, "dast.d_width": 16}
+    src = fit(tiny_cfg(data_root, tmp_path, "source_only", **{"run.iterations": 1, "run.name": "src"}))
+    da = fit(tiny_cfg(data_root, tmp_path, "dast", **{**common, "run.iterations": 2, "run.name": "da",
+                                                      "run.init_from": str(src.run_dir)}))
+    saved = load_checkpoint_file(checkpoint_path(da.run_dir))["modules"]
+    m = _method(data_root, tmp_path, **{"dast.self_training": True, "run.init_from": str(da.run_dir)})
+    for name, module in (("discoverer", m.discoverer), ("corrector", m.corrector)):
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, saved[name][k]), (name, k)
+    ev = fit(tiny_cfg(data_root, tmp_path, "dast", **{**common, "run.iterations": 0, "run.name": "ev",
+                                                      "dast.test_attention": False, "run.init_from": str(da.run_dir)}))
+    assert math.isfinite(ev.scores.miou)
+    with pytest.raises(ConfigError, match="run.init_from"):
+        _method(data_root, tmp_path, **{"run.iterations": 0, "run.init_from": str(src.run_dir)})

@@ -1,4 +1,5 @@
-"""``uda-ray bench step``: time training iterations on random data at a preset's sizes.
+"""``uda-ray bench step``: time training iterations on random data at a preset's sizes;
+``uda-ray bench proxy``: time a proxy-label generation over a synthetic score volume.
 
 A benchmark, not a test: it prints seconds per iteration, images per second, peak memory
 and the achieved TFLOP/s (FLOPs of one iteration counted by ``torch.utils.flop_counter``,
@@ -11,6 +12,7 @@ import resource
 import time
 
 import torch
+from torch import Tensor
 
 from .config import Config
 
@@ -85,3 +87,77 @@ def bench_step(cfg: Config, *, warmup: int = 5, iters: int = 20) -> dict:
             ("peak_gpu_mem_GiB" if is_cuda else "peak_rss_GiB"): peak,
             "TFLOP_per_iter": flops / 1e12, "achieved_TFLOP_per_s": flops / 1e12 / dt,
             "amp_bf16": ctx.amp, "channels_last": ctx.channels_last}
+
+
+class ScoreVolume(torch.utils.data.Dataset):
+    """A synthetic target set for :func:`bench_proxy`: sample ``i`` is only its index (the
+    "image"); :func:`volume_scores` turns indices into that image's class scores and
+    adversarial confidence, the same on every pass."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.tensor([i]), "name": f"{i:05d}"}
+
+
+def volume_scores(num_classes: int, width: int, height: int, device, *, stride: int = 8):
+    """score_fn of a :class:`ScoreVolume`: per image, seeded logits at 1/``stride`` of
+    ``width x height`` (as a segmenter's), upsampled bilinearly and softmaxed at full size
+    as the real passes do (:func:`uda_ray.proxy.softmax_at`), and a smooth confidence map."""
+    from .proxy import softmax_at
+
+    h, w = -(-height // stride), -(-width // stride)
+
+    def score(index: Tensor):
+        probs, confs = [], []
+        for i in index.view(-1).tolist():
+            g = torch.Generator().manual_seed(int(i))
+            logits = (3 * torch.randn(1, num_classes, h, w, generator=g)).to(device)
+            conf = torch.rand(1, 1, h, w, generator=g).to(device)
+            probs.append(softmax_at(logits, (height, width)))
+            confs.append(torch.nn.functional.interpolate(conf, size=(height, width), mode="bilinear",
+                                                         align_corners=True)[:, 0])
+        return torch.cat(probs), torch.cat(confs)
+
+    return score
+
+
+def bench_proxy(*, images: int, width: int, height: int, num_classes: int = 19, kind: str = "adversarial",
+                portion: float = 0.6, portion2: float = 0.8, bins: int = 2048, out_dir: str | None = None,
+                device: str = "auto") -> dict:
+    """Time one proxy-label generation (the histogram passes and the labelling pass that
+    writes one PNG per image) over a synthetic score volume of ``images x classes x height
+    x width``, and the cost of producing the synthetic scores alone (one pass), so that the
+    proxy module's own cost is the difference. Peak memory: the process's peak RSS on the
+    CPU, the peak allocated memory on CUDA."""
+    import tempfile
+
+    from .engine import resolve_device
+    from .proxy import ProxyPolicy, generate
+
+    dev = resolve_device(device)
+    policy = ProxyPolicy(kind, portion=portion, portion2=portion2, bins=bins)
+    score = volume_scores(num_classes, width, height, dev)
+    ds = ScoreVolume(images)
+    to_device = lambda b: b  # noqa: E731  (indices stay on the host; scores are made on dev)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(images):
+            score(torch.tensor([i]))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t_scores = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = generate(ds, score, policy, out_dir or tmp, num_classes=num_classes, device=dev,
+                         to_device=to_device, progress=True)
+    passes = 3 if kind == "adversarial" else 2
+    return {"device": str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
+            "policy": kind, "images": images, "size": f"{width}x{height}", "classes": num_classes,
+            "passes": passes, "seconds_total": stats.seconds, "seconds_synthetic_scores_per_pass": t_scores,
+            "seconds_proxy_module": stats.seconds - passes * t_scores,
+            "kept_frac": stats.kept / max(1, stats.pixels),
+            ("peak_gpu_mem_MiB" if dev.type == "cuda" else "peak_rss_MiB"): stats.peak_mem_mb}

@@ -122,6 +122,23 @@ def _cmd_bench_step(args) -> int:
     return 0
 
 
+def _cmd_bench_proxy(args) -> int:
+    from .bench import bench_proxy
+    from .config import ConfigError
+
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size: expected WIDTHxHEIGHT (e.g. 1024x512), got {args.size!r}") from None
+    r = bench_proxy(images=args.images, width=w, height=h, num_classes=args.classes, kind=args.policy,
+                    portion=args.portion, portion2=args.portion2, bins=args.bins, device=args.device)
+    print(f"proxy generation ({r['policy']}) over {r['images']} x {r['classes']} x {h} x {w} scores on {r['device']}")
+    for k, v in r.items():
+        if k not in ("device", "policy"):
+            print(f"  {k:<34} {v:.4g}" if isinstance(v, float) else f"  {k:<34} {v}")
+    return 0
+
+
 def _cmd_study(args) -> int:
     from .study import load_study, run_study
 
@@ -213,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--warmup", type=int, default=5)
     bs.add_argument("--iters", type=int, default=20)
     bs.set_defaults(func=_cmd_bench_step)
+    bp = bsub.add_parser("proxy", help="time and peak memory of one proxy-label generation over a synthetic "
+                                       "score volume (default: Cityscapes train, 2975 x 19 x 512 x 1024)")
+    bp.add_argument("--images", type=int, default=2975)
+    bp.add_argument("--size", default="1024x512", help="WIDTHxHEIGHT of the scores (default: %(default)s)")
+    bp.add_argument("--classes", type=int, default=19)
+    bp.add_argument("--policy", default="adversarial", choices=("global", "class_balanced", "adversarial"))
+    bp.add_argument("--portion", type=float, default=0.6, help="global/class_balanced portion, or MAT's p1")
+    bp.add_argument("--portion2", type=float, default=0.8, help="MAT's p2 (adversarial policy)")
+    bp.add_argument("--bins", type=int, default=2048)
+    bp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    bp.set_defaults(func=_cmd_bench_proxy)
     return p
 
 

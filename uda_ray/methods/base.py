@@ -72,6 +72,27 @@ class Method:
         self.p = cfg.params  # the method's own config section
         self.opt_g = segmenter_optimizer(cfg, model) if self.trains else None
 
+    def load_from_init(self, modules: dict[str, nn.Module], *, required: bool) -> list[str]:
+        """Load ``modules`` (checkpoint name -> module, e.g. discriminators) from the
+        ``run.init_from`` checkpoint where it holds them, so a later stage continues an
+        earlier one's discriminators. Returns the names loaded; with ``required``, a missing
+        one is an error naming the checkpoint and the module."""
+        if not self.cfg.run.init_from or not modules:
+            return []
+        from ..config import ConfigError
+        from ..engine import load_checkpoint_file
+
+        path = self.cfg.run.init_from
+        state = load_checkpoint_file(path)["modules"]
+        missing = [k for k in modules if k not in state]
+        if required and missing:
+            raise ConfigError(f"run.init_from: {path} has no {missing} (needed by {self.name} with these switches; "
+                              f"start from a checkpoint of a stage that trained them)")
+        for k, m in modules.items():
+            if k in state:
+                m.load_state_dict(state[k])
+        return [k for k in modules if k in state]
+
     def modules(self) -> dict[str, nn.Module]:
         """Everything a checkpoint holds, by name (the segmenter is ``model``)."""
         return {"model": self.model}

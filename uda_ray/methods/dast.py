@@ -18,7 +18,9 @@ One iteration:
 Self-training (Algorithm 1): ``dast.self_training`` runs ``dast.rounds`` rounds over the
 run's iterations; at the start of each the current model labels the top ``dast.q`` portion
 of the target pixels (the shared proxy module), and the round trains with the three losses
-above plus mu L_p_seg. The DA-only model is the usual ``init_from`` of that run.
+above plus mu L_p_seg. The DA-only model is the usual ``init_from`` of that run; its
+discoverer and corrector are loaded from the same checkpoint and trained on (a fresh
+discoverer would change the attention the DA model was trained with).
 
 Choices where the paper is silent:
 - Gradients flow through alpha into E (D frozen): the paper's tanh "to prevent the
@@ -78,8 +80,13 @@ class DAST(Method):
         p = self.p
         if p.attention and not p.two_disc:
             raise ConfigError("dast.attention: needs dast.two_disc=true (alpha comes from the discoverer)")
-        if "main" not in getattr(model, "head_inputs", {}):
-            raise ConfigError(f"model.arch: DAST needs a segmenter with a 'main' head on a feature, got {cfg.model.arch!r}")
+        from ..models.segmenters import Segmenter
+
+        # S = P o E is split at the main head: the segmenter must be "backbone features ->
+        # heads" (the DeepLab family and the tiny model), not an encoder-decoder
+        if "main" not in getattr(model, "head_inputs", {}) or type(model).forward is not Segmenter.forward:
+            raise ConfigError(f"model.arch: DAST needs a DeepLab-style segmenter whose main head reads a backbone "
+                              f"feature (deeplabv2_r101, deeplabv2_vgg16, tiny), got {cfg.model.arch!r}")
         self.feature = model.head_inputs["main"]
         self.gan = "ls" if p.mse else "vanilla"
         c = cfg.data.num_classes
@@ -88,6 +95,11 @@ class DAST(Method):
         self.discoverer = (FeatureDiscriminator(model.feature_channels[self.feature], widths=(w, w // 2, w // 4),
                                                 kernel_size=3, stride=1).to(ctx.device) if p.two_disc else None)
         self.discs = [d for d in (self.discoverer, self.corrector) if d is not None]
+        # Algorithm 1: each stage continues the previous one's D and C (D'_{k+1} <- D'_k); an
+        # evaluation-only run with test-time attention needs the trained discoverer.
+        self.load_from_init({"corrector": self.corrector,
+                             **({"discoverer": self.discoverer} if self.discoverer is not None else {})},
+                            required=cfg.run.iterations == 0 and p.attention and p.test_attention)
         self.opt_d = discriminator_optimizer(cfg, self.discs)
         # the model at the start of the current self-training round: it labels the round's
         # targets, and a resumed run regenerates them from it if they are not on disk

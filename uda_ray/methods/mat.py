@@ -99,8 +99,8 @@ class MAT(Method):
                                               pools={4: 3, 16: 1}[strides[LEVELS[lv]]]).to(ctx.device)
                       for lv in self.levels}
         self.needs_source = not p.proxy  # the proxy stage trains on target proxies only
-        if self.discs and cfg.run.init_from:  # adapted discriminators: continue, or score proxies
-            self._load_discriminators(cfg.run.init_from, required=p.proxy and cfg.run.iterations > 0)
+        # adapted discriminators: continue training them, or score the proxies with them
+        self.load_from_init(self.discs, required=p.proxy and cfg.run.iterations > 0)
         if p.proxy:
             self.opt_d = None  # the discriminators only score (and travel on in the checkpoint)
         else:
@@ -202,15 +202,6 @@ class MAT(Method):
             return probs, conf
 
         return score
-
-    def _load_discriminators(self, path, *, required: bool) -> None:
-        state = load_checkpoint_file(path)["modules"]
-        for lv, d in self.discs.items():
-            if lv in state:
-                d.load_state_dict(state[lv])
-            elif required:
-                raise ConfigError(f"run.init_from: {path} has no discriminator {lv!r} (train the adaptation "
-                                  f"stage with the same mat.adv / mat.mul_adv as this row)")
 
     def _proxy_step(self, tgt):
         opt = self.opt_g.optimizer
