@@ -195,12 +195,12 @@ class ProxyStats:
     correct: int = 0  # kept pixels that agree with the ground truth, when the set has labels
     judged: int = 0  # kept pixels with a valid ground-truth label
     seconds: float = 0.0
-    peak_mem_mb: float = 0.0
+    peak_mem_mb: float = 0.0  # CUDA: peak allocated during the generation; CPU: the process's peak RSS
     thresholds: Thresholds | None = None
 
     def metrics(self, class_names: list[str] | None = None) -> dict[str, float]:
         out = {"proxy/kept_frac": self.kept / max(1, self.pixels), "proxy/seconds": self.seconds,
-               "proxy/images": float(self.images)}
+               "proxy/images": float(self.images), "proxy/peak_mem_mb": self.peak_mem_mb}
         if self.judged:
             out["proxy/precision"] = self.correct / self.judged
         th = self.thresholds
