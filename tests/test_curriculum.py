@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trees import tiny_cfg
+from trees import random_batches, tiny_cfg
 from uda_ray.config import ConfigError
 from uda_ray.data.labels import IGNORE
 from uda_ray.engine import Context, build_segmenter, fit
@@ -39,11 +39,7 @@ def _method(data_root, tmp_path, dtype=torch.float32, **kw):
 
 
 def _batches(dtype=torch.float32, n=4):
-    g = torch.Generator().manual_seed(0)
-    src = {"image": torch.randn(n, 3, 32, 64, generator=g, dtype=dtype),
-           "label": torch.randint(0, 19, (n, 32, 64), generator=g)}
-    tgt = {"image": torch.randn(n, 3, 32, 64, generator=g, dtype=dtype)}
-    return src, tgt
+    return random_batches(n, dtype)
 
 
 # --- Eq. 4's similarity penalty ---------------------------------------------------------------

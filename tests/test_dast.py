@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from trees import tiny_cfg
+from trees import study_switches, tiny_cfg
 from uda_ray.engine import Context, build_segmenter, checkpoint_path, fit, load_checkpoint_file
 from uda_ray.losses import SOURCE, gan_loss
 from uda_ray.proxy import is_complete
@@ -164,3 +164,14 @@ def test_later_stages_continue_the_discriminators_of_init_from(data_root, tmp_pa
     assert math.isfinite(ev.scores.miou)
     with pytest.raises(ConfigError, match="run.init_from"):
         _method(data_root, tmp_path, **{"run.iterations": 0, "run.init_from": str(src.run_dir)})
+
+
+DAST_SWITCHES = ("dast.mse", "dast.two_disc", "dast.attention", "dast.self_training", "dast.test_attention")
+
+
+def test_every_study_switch_combination_is_smoke_tested():
+    from uda_ray.config import build_config
+
+    tested = {tuple(build_config(v, method="dast").flat()[k] for k in DAST_SWITCHES) for v in ROWS.values()}
+    missing = study_switches("dast", DAST_SWITCHES) - tested
+    assert not missing, f"study rows with switches {DAST_SWITCHES} not covered by ROWS: {missing}"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trees import tiny_cfg
+from trees import random_batches, tiny_cfg
 from uda_ray.config import ConfigError
 from uda_ray.engine import Context, NonFiniteLoss, build_segmenter, checkpoint_path, fit, poly_lr
 from uda_ray.losses import gan_loss, seg_loss
@@ -34,11 +34,7 @@ def _adaptseg(data_root, tmp_path, dtype=torch.float32, **kw):
     method = METHODS["adaptseg"](cfg, build_segmenter(cfg, ctx.device).to(dtype), ctx)
     for d in method.discs.values():
         d.to(dtype)
-    g = torch.Generator().manual_seed(0)
-    src = {"image": torch.randn(2, 3, 32, 64, generator=g, dtype=dtype),
-           "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
-    tgt = {"image": torch.randn(2, 3, 32, 64, generator=g, dtype=dtype)}
-    return method, src, tgt
+    return (method, *random_batches(2, dtype))
 
 
 def test_adaptseg_generator_step_leaves_discriminators_untouched(data_root, tmp_path):

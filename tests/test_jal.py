@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from trees import tiny_cfg
+from trees import random_batches, tiny_cfg
 from uda_ray.engine import Context, build_segmenter, checkpoint_path, fit
 from uda_ray.losses import SOURCE, TARGET, gan_loss, upsample
 from uda_ray.methods import METHODS
@@ -29,10 +29,7 @@ def _jal(data_root, tmp_path, **kw):
     cfg = tiny_cfg(data_root, tmp_path, "jal", **kw)
     ctx = Context(cfg, torch.device("cpu"), amp=False, channels_last=False)
     method = METHODS["jal"](cfg, build_segmenter(cfg, ctx.device), ctx)
-    g = torch.Generator().manual_seed(0)
-    src = {"image": torch.randn(2, 3, 32, 64, generator=g), "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
-    tgt = {"image": torch.randn(2, 3, 32, 64, generator=g)}
-    return method, src, tgt
+    return (method, *random_batches(2))
 
 
 def _reached(params) -> bool:
@@ -206,11 +203,12 @@ def test_table4_rows_are_the_reconstructed_switches():
                              (True, False, True), (True, True, False), (True, True, True)])
 
 
-@pytest.mark.parametrize("wtm_grad", ["segmenter", "wtm"])
-@pytest.mark.parametrize("jal,wtm1,wtm2", COMBOS)
+# wtm_grad only matters with a WTM: both values for the rows that carry one
+GRAD_COMBOS = [(*c, g) for c in COMBOS for g in (("segmenter", "wtm") if c[1] or c[2] else ("segmenter",))]
+
+
+@pytest.mark.parametrize("jal,wtm1,wtm2,wtm_grad", GRAD_COMBOS)
 def test_fit_every_switch_combination(data_root, tmp_path, jal, wtm1, wtm2, wtm_grad):
-    if wtm_grad == "wtm" and not (wtm1 or wtm2):
-        pytest.skip("wtm_grad only matters with a WTM")
     cfg = tiny_cfg(data_root, tmp_path, "jal", **{"run.iterations": 2, "jal.jal": jal, "jal.wtm_dec1": wtm1,
                                                   "jal.wtm_dec2": wtm2, "jal.wtm_grad": wtm_grad, "jal.ndf": 8,
                                                   "jal.wtm_lr": 0.1})

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trees import tiny_cfg
+from trees import study_switches, tiny_cfg
 from uda_ray.engine import checkpoint_path, fit, load_checkpoint_file
 from uda_ray.models import PooledDiscriminator, build_model
 from uda_ray.proxy import is_complete
@@ -120,3 +120,12 @@ def test_bad_configs_name_the_key(data_root, tmp_path):
         _stage(data_root, tmp_path, "y", **{"mat.proxy": True})
     with pytest.raises(ConfigError, match="mat.p1"):
         tiny_cfg(data_root, tmp_path, "mat", **{"mat.p1": 1.5})
+
+
+def test_every_study_switch_combination_is_smoke_tested():
+    """test_stages_chain_from_checkpoints runs each (adv, mul_adv) with the adaptation,
+    proxy and multi-scale stages: every MAT row of every study is one of those."""
+    tested = {(adv, mul, proxy, ms) for adv, mul in ((True, False), (True, True), (False, False))
+              for proxy, ms in ((False, False), (True, False), (True, True))}
+    missing = study_switches("mat", ("mat.adv", "mat.mul_adv", "mat.proxy", "mat.ms")) - tested
+    assert not missing, missing

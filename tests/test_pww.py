@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from trees import tiny_cfg
+from trees import random_batches, tiny_cfg
 from uda_ray.config import ConfigError, build_config
 from uda_ray.engine import Context, build_segmenter, checkpoint_path, fit
 from uda_ray.losses import SOURCE, TARGET, upsample
@@ -72,11 +72,7 @@ def _pww(data_root, tmp_path, dtype=torch.float64, **kw):
     method = METHODS["pww"](cfg, build_segmenter(cfg, ctx.device).to(dtype), ctx)
     for d in method.all_discs:
         d.to(dtype)
-    g = torch.Generator().manual_seed(0)
-    src = {"image": torch.randn(2, 3, 32, 64, generator=g, dtype=dtype),
-           "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
-    tgt = {"image": torch.randn(2, 3, 32, 64, generator=g, dtype=dtype)}
-    return method, src, tgt
+    return (method, *random_batches(2, dtype))
 
 
 def _constant(disc, value):

@@ -100,3 +100,29 @@ def tiny_cfg(root, tmp_path, method="source_only", **values):
     }
     base.update(values)
     return build_config(base, method=method)
+
+
+def study_switches(method: str, keys: tuple[str, ...]) -> set[tuple]:
+    """The switch combinations of every ``method`` row of every study script."""
+    from uda_ray.study import load_study
+
+    combos = set()
+    for path in sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.py")):
+        study = load_study(path)
+        for row in study.rows:
+            if row.method == method:
+                flat = study.flat(row, 0)
+                combos.add(tuple(flat[k] for k in keys))
+    return combos
+
+
+def random_batches(n: int = 2, dtype=None):
+    """A seeded source batch (images, labels of 19 classes) and target batch (images) of
+    ``n`` 32x64 images, for calling a method's steps directly."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    src = {"image": torch.randn(n, 3, 32, 64, generator=g, dtype=dtype),
+           "label": torch.randint(0, 19, (n, 32, 64), generator=g)}
+    tgt = {"image": torch.randn(n, 3, 32, 64, generator=g, dtype=dtype)}
+    return src, tgt

@@ -157,7 +157,33 @@ class DeepLabV2VGG16(Segmenter):
         self._load_pretrained(pretrained)
 
 
-class ResNet18PPM(Segmenter):
+class _PPMSegmenter(Segmenter):
+    """Shared by the PPM segmenters: ``num_decoders`` PSPNet decoders on the encoder's
+    layer4, logits "main", "dec2", ... and fused features "decoder", "decoder2", ...."""
+
+    def _build_decoders(self, in_channels: int, num_classes: int, *, num_decoders: int,
+                        bins: tuple[int, ...], channels: int, dropout: float) -> None:
+        if num_decoders < 1:
+            raise ValueError(f"num_decoders must be >= 1, got {num_decoders}")
+        names = ["main"] + [f"dec{k}" for k in range(2, num_decoders + 1)]
+        # logits key -> feature key of that decoder's fused feature.
+        self._decoder_features = {n: ("decoder" if n == "main" else f"decoder{n[3:]}") for n in names}
+        self.head_inputs = {n: "layer4" for n in names}
+        self.heads = nn.ModuleDict({
+            n: PPMDecoder(in_channels, num_classes, bins=bins, channels=channels, dropout=dropout)
+            for n in names})
+        self.feature_channels = dict(self.backbone.channels) | {
+            f: channels for f in self._decoder_features.values()}
+
+    def forward(self, x: Tensor) -> SegOutput:
+        feats = self.backbone(x)
+        logits = {}
+        for name, decoder in self.heads.items():
+            feats[self._decoder_features[name]], logits[name] = decoder(feats["layer4"])
+        return SegOutput(logits, feats)
+
+
+class ResNet18PPM(_PPMSegmenter):
     """Dilated ResNet-18 encoder (output stride 8) with one or more PSPNet PPM decoders.
 
     With ``num_decoders=k`` the decoders share the encoder and differ only by their
@@ -187,28 +213,11 @@ class ResNet18PPM(Segmenter):
                  bins: tuple[int, ...] = (1, 2, 3, 6), decoder_channels: int = 512,
                  dropout: float = 0.1, pretrained: str | os.PathLike | None = None) -> None:
         super().__init__()
-        if num_decoders < 1:
-            raise ValueError(f"num_decoders must be >= 1, got {num_decoders}")
         self.num_classes, self.output_stride = num_classes, 8
         self.backbone = ResNetBackbone(depth=18)
-        names = ["main"] + [f"dec{k}" for k in range(2, num_decoders + 1)]
-        # logits key -> feature key of that decoder's fused feature.
-        self._decoder_features = {n: ("decoder" if n == "main" else f"decoder{n[3:]}")
-                                  for n in names}
-        self.head_inputs = {n: "layer4" for n in names}
-        self.heads = nn.ModuleDict({
-            n: PPMDecoder(512, num_classes, bins=bins, channels=decoder_channels, dropout=dropout)
-            for n in names})
-        self.feature_channels = dict(self.backbone.channels) | {
-            f: decoder_channels for f in self._decoder_features.values()}
+        self._build_decoders(512, num_classes, num_decoders=num_decoders, bins=bins, channels=decoder_channels,
+                             dropout=dropout)
         self._load_pretrained(pretrained)
-
-    def forward(self, x: Tensor) -> SegOutput:
-        feats = self.backbone(x)
-        logits = {}
-        for name, decoder in self.heads.items():
-            feats[self._decoder_features[name]], logits[name] = decoder(feats["layer4"])
-        return SegOutput(logits, feats)
 
 
 class TinySeg(Segmenter):
@@ -249,7 +258,7 @@ class TinySeg(Segmenter):
         self._load_pretrained(pretrained)
 
 
-class TinyPPM(Segmenter):
+class TinyPPM(_PPMSegmenter):
     """The CPU-sized :class:`ResNet18PPM`: the :class:`TinySeg` encoder (TinyResNet, output
     stride 8, dilated layer3/layer4) with one or more PSPNet PPM decoders on layer4.
 
@@ -287,28 +296,11 @@ class TinyPPM(Segmenter):
                  blocks: tuple[int, int, int, int] = (2, 2, 2, 2), decoder_channels: int | None = None,
                  dropout: float = 0.1, pretrained: str | os.PathLike | None = None) -> None:
         super().__init__()
-        if num_decoders < 1:
-            raise ValueError(f"num_decoders must be >= 1, got {num_decoders}")
         self.num_classes, self.output_stride = num_classes, 8
         self.backbone = TinyResNet(widths=widths, blocks=blocks)
-        c4, channels = widths[3], decoder_channels or widths[3]
-        names = ["main"] + [f"dec{k}" for k in range(2, num_decoders + 1)]
-        self._decoder_features = {n: ("decoder" if n == "main" else f"decoder{n[3:]}")
-                                  for n in names}
-        self.head_inputs = {n: "layer4" for n in names}
-        self.heads = nn.ModuleDict({
-            n: PPMDecoder(c4, num_classes, bins=bins, channels=channels, dropout=dropout)
-            for n in names})
-        self.feature_channels = dict(self.backbone.channels) | {
-            f: channels for f in self._decoder_features.values()}
+        self._build_decoders(widths[3], num_classes, num_decoders=num_decoders, bins=bins,
+                             channels=decoder_channels or widths[3], dropout=dropout)
         self._load_pretrained(pretrained)
-
-    def forward(self, x: Tensor) -> SegOutput:
-        feats = self.backbone(x)
-        logits = {}
-        for name, decoder in self.heads.items():
-            feats[self._decoder_features[name]], logits[name] = decoder(feats["layer4"])
-        return SegOutput(logits, feats)
 
 
 MODELS: dict[str, type[Segmenter]] = {
