@@ -59,6 +59,30 @@ def test_two_workers_take_the_step_of_one_worker_with_the_doubled_batch(cluster,
                 torch.testing.assert_close(b[name][k], v, rtol=1e-5, atol=atol)
 
 
+def test_proxy_labels_of_two_workers_equal_those_of_one(cluster, data_root, tmp_path):
+    """MAT's proxy stage on 2 Train workers: the histogram passes are sharded over the ranks
+    and their counts summed, so t1, t2 and every label PNG are those of a single process."""
+    from uda_ray.distributed import run_trainer
+
+    common = {"model.arch": "mat_tiny", "data.select_n": 1, "mat.ndf": 8}
+    src = fit(tiny_cfg(data_root, tmp_path, "source_only", **{"model.arch": "mat_tiny", "data.select_n": 1,
+                                                              "run.iterations": 1, "run.name": "src"}))
+    adapted = fit(tiny_cfg(data_root, tmp_path, "mat", **{**common, "run.iterations": 1, "run.name": "adapt",
+                                                          "run.init_from": str(src.run_dir)}))
+    proxy = {**common, "run.iterations": 1, "mat.proxy": True, "mat.p1": 0.6, "mat.p2": 0.5,
+             "run.init_from": str(adapted.run_dir)}
+    one = fit(tiny_cfg(data_root, tmp_path, "mat", **{**proxy, "run.name": "one"}))
+    flat = tiny_cfg(data_root, tmp_path, "mat", **{**proxy, "run.name": "two"}).flat()
+    run_dir = tmp_path / "runs" / "two"
+    result = run_trainer(flat, run_dir=str(run_dir), name="ddp-proxy", num_workers=2, cpus_per_worker=0.5,
+                         storage_path=str(tmp_path / "storage"))
+    assert result.error is None
+    files = sorted(p.relative_to(one.run_dir / "proxies") for p in (one.run_dir / "proxies").rglob("*.png"))
+    assert files and files == sorted(p.relative_to(run_dir / "proxies") for p in (run_dir / "proxies").rglob("*.png"))
+    for f in files:
+        assert (one.run_dir / "proxies" / f).read_bytes() == (run_dir / "proxies" / f).read_bytes(), f
+
+
 def test_a_killed_worker_resumes_from_its_last_checkpoint(cluster, data_root, tmp_path):
     from uda_ray.distributed import KILL_ENV, run_trainer
 

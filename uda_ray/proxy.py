@@ -304,8 +304,12 @@ def generate(dataset, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Pat
         import resource
 
         stats.peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if rank == 0:
-        (out_dir / DONE_FILE).write_text(f"{stats.images} images\n")
+    # every rank wrote every label (its node's run directory may not be shared), so every
+    # rank marks the set complete; on a shared folder the writes are the same file's
+    done = out_dir / DONE_FILE
+    tmp = done.with_name(f".{DONE_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(f"{stats.images} images\n")
+    os.replace(tmp, done)
     return stats
 
 
@@ -353,11 +357,15 @@ def softmax_at(logits: Tensor, size) -> Tensor:
 def generate_for_run(ctx, data: dict, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Path, *,
                      step: int, mosaic: int = 4) -> ProxyStats | None:
     """Proxy labels of a run's target training set into ``out_dir`` unless a complete set is
-    already there (a resumed run), with ``proxy/*`` metrics and a mosaic (image | ground
+    already there on every rank (a resumed run; the ranks decide together, as the passes
+    are collective), with ``proxy/*`` metrics and a mosaic (image | ground
     truth when the set has it | proxy) logged through the run's tracker. Returns the stats,
     or None when the labels were already on disk."""
     out_dir = Path(out_dir)
-    if is_complete(out_dir):
+    missing = torch.tensor([0 if is_complete(out_dir) else 1], device=ctx.device)
+    if ctx.world_size > 1:  # one decision for all ranks: the histogram passes are collective
+        dist.all_reduce(missing, op=dist.ReduceOp.MAX)
+    if not missing.item():
         return None
     cfg = ctx.cfg
     rows: list = []

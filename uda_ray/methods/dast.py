@@ -48,7 +48,7 @@ from ..config import ConfigError, knob, register_method_config
 from ..losses import SOURCE, TARGET, full, gan_loss, seg_loss, upsample
 from ..models import FeatureDiscriminator, PatchDiscriminator
 from ..models.batchnorm import bn_domain
-from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run, is_complete
+from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run
 from .base import Method, discriminator_optimizer, set_requires_grad
 
 
@@ -201,11 +201,11 @@ class DAST(Method):
             self.generator["model"].load_state_dict(self.model.state_dict())
             if self.discoverer is not None:
                 self.generator["discoverer"].load_state_dict(self.discoverer.state_dict())
-        if not is_complete(out_dir):  # else a resumed round finds its labels on disk
-            policy = ProxyPolicy(self.p.pseudo, portion=self.p.q, bins=self.p.bins)
-            stats = generate_for_run(self.ctx, data, self._score(self.generator), policy, out_dir, step=step)
-            if stats is not None and self.ctx.tracker is not None and self.ctx.rank == 0:
-                self.ctx.tracker.log_metrics({"proxy/round": float(k)}, step=step)
+        # a resumed round finds its labels on disk, else they are made again by the generator
+        policy = ProxyPolicy(self.p.pseudo, portion=self.p.q, bins=self.p.bins)
+        stats = generate_for_run(self.ctx, data, self._score(self.generator), policy, out_dir, step=step)
+        if stats is not None and self.ctx.tracker is not None and self.ctx.rank == 0:
+            self.ctx.tracker.log_metrics({"proxy/round": float(k)}, step=step)
         return ProxyLabelled(data["target"], out_dir)
 
     def _score(self, gen):

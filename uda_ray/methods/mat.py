@@ -45,7 +45,7 @@ from ..engine import build_segmenter, load_checkpoint_file
 from ..losses import GAN_KINDS, SOURCE, TARGET, gan_loss, seg_loss, upsample
 from ..models import PooledDiscriminator
 from ..models.batchnorm import bn_domain
-from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run, is_complete
+from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run
 from .base import Method, ScheduledOptimizer, set_requires_grad
 
 
@@ -165,8 +165,8 @@ class MAT(Method):
         if not self.p.proxy:
             return None
         out_dir = self.ctx.run_dir / "proxies"
-        if not is_complete(out_dir):  # else: a resumed run finds its proxies on disk
-            generate_for_run(self.ctx, data, self._generator(), self._policy(), out_dir, step=step)
+        # a resumed run finds its proxies on disk (else they are made again from init_from)
+        generate_for_run(self.ctx, data, self._generator(), self._policy(), out_dir, step=step)
         if step == 0 and self.p.retrain_from == "init":  # a fresh start, not a resumed run
             torch.manual_seed(self.cfg.run.seed)
             init = build_segmenter(_without_init(self.cfg), torch.device("cpu"))
