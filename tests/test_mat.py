@@ -88,10 +88,10 @@ def test_adversarial_confidence_is_the_mean_source_probability(data_root, tmp_pa
         last = method.discs[lv].net[-1]
         torch.nn.init.zeros_(last.weight)
         torch.nn.init.constant_(last.bias, logit)
-    probs, conf = method._generator()(torch.randn(1, 3, 32, 64))
-    assert probs.shape == (1, 19, 32, 64) and conf.shape == (1, 32, 64)
-    torch.testing.assert_close(conf, torch.full_like(conf, 0.375))
-    torch.testing.assert_close(probs.sum(1), torch.ones(1, 32, 64))
+    log_probs, conf = method._generator()(torch.randn(1, 3, 32, 64))
+    assert log_probs.shape == (1, 19, 32, 64) and conf.shape == (1, 32, 64)
+    torch.testing.assert_close(torch.sigmoid(conf), torch.full_like(conf, 0.375))  # conf is logit(A)
+    torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(1, 32, 64))
 
 
 def test_proxy_stage_resumes_without_regenerating_or_reinitialising(data_root, tmp_path):

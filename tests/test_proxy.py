@@ -13,11 +13,14 @@ from uda_ray.proxy import (
     Histogram,
     ProxyLabelled,
     ProxyPolicy,
+    ProxyStats,
     Thresholds,
+    adversarial_confidence_logit,
     compute_thresholds,
     generate,
     is_complete,
     label_map,
+    logit_from_log,
     proxy_path,
 )
 
@@ -25,7 +28,9 @@ from uda_ray.proxy import (
 @pytest.mark.parametrize("portion", [0.01, 0.2, 0.5, 0.8, 1.0])
 def test_histogram_threshold_is_within_one_bin_of_numpy_percentile(portion):
     g = torch.Generator().manual_seed(0)
-    values = torch.rand(50_000, generator=g) ** 3  # skewed, like softmax confidences
+    # logits of skewed confidences: plain, saturated near 1 and saturated near 0
+    values = torch.cat([torch.randn(20_000, generator=g) * 3, 12 + torch.randn(15_000, generator=g),
+                        -14 + torch.randn(15_000, generator=g)])
     cls = torch.randint(0, 3, (50_000,), generator=g)
     h = Histogram(3, bins=512)
     for chunk in range(0, 50_000, 7_000):  # streamed in pieces
@@ -33,64 +38,97 @@ def test_histogram_threshold_is_within_one_bin_of_numpy_percentile(portion):
     t = h.top_threshold(portion)
     for c in range(3):
         ref = np.percentile(values[cls == c].numpy(), 100 * (1 - portion))
-        assert abs(float(t[c]) - ref) <= h.width, (c, float(t[c]), ref)
         kept = (values[cls == c] >= t[c]).float().mean().item()
         assert kept >= portion - 1e-9  # at least the portion is kept
+        assert abs(float(t[c]) - ref) <= h.width, (c, float(t[c]), ref)
 
 
 def test_histogram_edge_cases():
-    h = Histogram(2, bins=10)
+    h = Histogram(2, bins=10, lo=0.0, hi=1.0)
     h.add(torch.tensor([0.55, 0.95]), torch.tensor([0, 0]))
     t = h.top_threshold(0.5)
     assert t[0].item() == pytest.approx(0.9) and math.isinf(t[1].item())  # class 1 never seen
     assert math.isinf(h.top_threshold(0.0)[0].item())  # portion 0 selects nothing
 
 
-def _probs(p0):
-    p0 = torch.tensor(p0, dtype=torch.float32)
-    return torch.stack([p0, 1 - p0])[None, :, None, :]  # (1, 2, 1, W)
+def test_logit_scores_are_stable_at_saturation():
+    # p = 1 - 1e-9 (a float32 probability would be 1.0) and p = 1e-12: finite logits
+    lp = torch.tensor([math.log1p(-1e-9), math.log(1e-12), math.log(0.5)])
+    torch.testing.assert_close(logit_from_log(lp), torch.tensor([20.723, -27.631, 0.0]), atol=2e-2, rtol=0)
+    # A from two discriminators: d = 0 (P(source) 0.5) and d = ln 3 (P(source) 0.25): A = 0.375
+    d = [torch.zeros(1, 1, 1, 1), torch.full((1, 1, 1, 1), math.log(3))]
+    assert adversarial_confidence_logit(d).item() == pytest.approx(math.log(0.375 / 0.625), abs=1e-6)
+    # saturated discriminators (d = 30, 40: source probabilities 9e-14, 4e-18) still rank
+    a = adversarial_confidence_logit([torch.tensor([30.0, 40.0]).view(2, 1, 1, 1)])
+    assert a[0].item() == pytest.approx(-30, abs=1e-3) and a[1].item() == pytest.approx(-40, abs=1e-3)
 
+
+def test_saturated_adversarial_confidence_keeps_the_requested_portion():
+    """Discriminators that win (every target pixel's source probability below 1e-5) must
+    not turn p1 into "keep everything": t1 ranks them (the bug of thresholds binned as
+    probabilities, where all of A fell into the lowest bin and t1 = 0)."""
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    log_probs = torch.log_softmax(3 * torch.randn(1, 5, 1, n, generator=g), dim=1)
+    conf = (-15 + torch.randn(1, 1, n, generator=g))  # logits of A: A ~ 3e-7
+    policy = ProxyPolicy("adversarial", portion=0.5, portion2=1.0)
+    th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, conf), policy, 5, torch.device("cpu"))
+    kept = (label_map(log_probs, conf, policy, th) != IGNORE).float().mean().item()
+    assert 0.5 <= kept <= 0.51, kept
+    assert ProxyStats(thresholds=th).metrics()["proxy/t1"] < 1e-5  # logged as a probability
+
+
+def _probs(x):
+    """Log-probabilities of 2 classes with logit(p_0) = x: (1, 2, 1, W)."""
+    x = torch.tensor(x, dtype=torch.float32)
+    return torch.stack([torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)])[None, :, None, :]
+
+
+# Hand-checked cases: 40 bins over logits [-20, 20] are 1 wide, so thresholds are integers.
 
 def test_mat_t1_t2_and_eq5_by_hand():
-    # 4 pixels, 2 classes. A = adversarial confidence; p1 = 0.5 keeps the top half of A:
-    # t1 = 0.8 (the lower edge of 0.85's bin, 10 bins), i.e. pixels 0 and 1.
-    probs = _probs([0.95, 0.65, 0.75, 0.97])  # every pixel predicts class 0
-    conf = torch.tensor([[[0.95, 0.85, 0.35, 0.15]]])
-    for p2, t2_0, expected in [(0.5, 0.9, [0, IGNORE, IGNORE, IGNORE]), (1.0, 0.6, [0, 0, IGNORE, IGNORE])]:
-        policy = ProxyPolicy("adversarial", portion=0.5, portion2=p2, bins=10)
-        th = compute_thresholds(lambda: iter([None]), lambda _: (probs, conf), policy, 2, torch.device("cpu"))
-        assert th.t1 == pytest.approx(0.8)
-        # t2 among pixels with A >= t1 only: class 0 scores {0.95, 0.65}; class 1 never predicted
+    # 4 pixels, all predicting class 0, with logit(P_0) = 3.5, 1.5, 2.5, 4.5 and logit(A) =
+    # 3.5, 2.5, -1.5, -3.5. p1 = 0.5 keeps the top half of A: t1 = 2 (the lower edge of
+    # 2.5's bin), i.e. pixels 0 and 1.
+    log_probs = _probs([3.5, 1.5, 2.5, 4.5])
+    conf = torch.tensor([[[3.5, 2.5, -1.5, -3.5]]])
+    for p2, t2_0, expected in [(0.5, 3.0, [0, IGNORE, IGNORE, IGNORE]), (1.0, 1.0, [0, 0, IGNORE, IGNORE])]:
+        policy = ProxyPolicy("adversarial", portion=0.5, portion2=p2, bins=40)
+        th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, conf), policy, 2, torch.device("cpu"))
+        assert th.t1 == pytest.approx(2.0)
+        # t2 among pixels with A >= t1 only: class 0 scores {3.5, 1.5}; class 1 never predicted
         assert th.t_class[0].item() == pytest.approx(t2_0) and math.isinf(th.t_class[1].item())
-        # pixel 3 (P = 0.97, the most confident) is dropped by the adversarial confidence
-        assert label_map(probs, conf, policy, th)[0, 0].tolist() == expected
+        # pixel 3 (the most confident) and pixel 2 are dropped by the adversarial confidence
+        assert label_map(log_probs, conf, policy, th)[0, 0].tolist() == expected
 
 
 def test_class_balanced_labels_take_the_argmax_of_the_ratio():
     # P = [0.5, 0.45, 0.05] with t = [0.9, 0.4, inf]: ratios [0.56, 1.125, 0] -> class 1,
     # although class 0 has the highest probability; P = [0.3, 0.3, 0.4]: ratios < 1 -> ignore.
     probs = torch.tensor([[0.5, 0.45, 0.05], [0.3, 0.3, 0.4]]).T[None, :, None, :]
-    th = Thresholds(t_class=torch.tensor([0.9, 0.4, math.inf], dtype=torch.float64))
-    labels = label_map(probs, None, ProxyPolicy("class_balanced"), th)
+    t = torch.tensor([0.9, 0.4], dtype=torch.float64)
+    th = Thresholds(t_class=torch.cat([torch.log(t / (1 - t)), torch.tensor([math.inf], dtype=torch.float64)]))
+    labels = label_map(probs.log(), None, ProxyPolicy("class_balanced"), th)
     assert labels[0, 0].tolist() == [1, IGNORE]
 
 
 def test_class_balanced_thresholds_per_predicted_class():
-    # class 0 predicted at 0.95, 0.85, 0.75, 0.65; class 1 at 0.55 (p1 = 1 - p0 = 0.55 when
-    # p0 = 0.45). Top half per class: t_0 = 0.8, t_1 = 0.5.
-    probs = _probs([0.95, 0.85, 0.75, 0.65, 0.45])
-    policy = ProxyPolicy("class_balanced", portion=0.5, bins=10)
-    th = compute_thresholds(lambda: iter([None]), lambda _: (probs, None), policy, 2, torch.device("cpu"))
-    assert th.t_class.tolist() == pytest.approx([0.8, 0.5])
-    assert label_map(probs, None, policy, th)[0, 0].tolist() == [0, 0, IGNORE, IGNORE, 1]
+    # logit(P_0) = 3.5, 2.5, 1.5, 0.5 predict class 0; pixel 4 (logit(P_0) = -0.5) predicts
+    # class 1 with confidence logit 0.5. Top half per class: t_0 = 2, t_1 = 0 (P = 0.5).
+    log_probs = _probs([3.5, 2.5, 1.5, 0.5, -0.5])
+    policy = ProxyPolicy("class_balanced", portion=0.5, bins=40)
+    th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, None), policy, 2, torch.device("cpu"))
+    assert th.t_class.tolist() == pytest.approx([2.0, 0.0])
+    # pixel 4: P_1 / sigmoid(0) = 0.62 / 0.5 >= 1 -> class 1; pixels 2, 3 below both
+    assert label_map(log_probs, None, policy, th)[0, 0].tolist() == [0, 0, IGNORE, IGNORE, 1]
 
 
 def test_global_top_portion():
-    probs = _probs([0.95, 0.85, 0.75, 0.65, 0.45])  # confidences .95 .85 .75 .65 .55
-    policy = ProxyPolicy("global", portion=0.4, bins=10)
-    th = compute_thresholds(lambda: iter([None]), lambda _: (probs, None), policy, 2, torch.device("cpu"))
-    assert th.t.item() == pytest.approx(0.8)  # the top 40%: 0.95 and 0.85
-    assert label_map(probs, None, policy, th)[0, 0].tolist() == [0, 0, IGNORE, IGNORE, IGNORE]
+    log_probs = _probs([3.5, 2.5, 1.5, 0.5, -0.5])  # confidence logits 3.5 2.5 1.5 0.5 0.5
+    policy = ProxyPolicy("global", portion=0.4, bins=40)
+    th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, None), policy, 2, torch.device("cpu"))
+    assert th.t.item() == pytest.approx(2.0)  # the top 40%: 3.5 and 2.5
+    assert label_map(log_probs, None, policy, th)[0, 0].tolist() == [0, 0, IGNORE, IGNORE, IGNORE]
 
 
 def test_policy_validation():
@@ -115,7 +153,7 @@ def test_generate_writes_label_pngs_that_train_reads_back(data_root, tmp_path):
         pred = (torch.arange(w) % 2).expand(n, h, w)
         probs = torch.full((n, 19, h, w), 0.0)
         probs.scatter_(1, pred[:, None], x[:, None])
-        return probs, None
+        return probs.log(), None
 
     out = tmp_path / "proxies"
     stats = generate(ds, score_fn, ProxyPolicy("global", portion=0.5), out, num_classes=19,

@@ -106,28 +106,29 @@ class ScoreVolume(torch.utils.data.Dataset):
 
 def volume_scores(num_classes: int, width: int, height: int, device, *, stride: int = 8):
     """score_fn of a :class:`ScoreVolume`: per image, seeded logits at 1/``stride`` of
-    ``width x height`` (as a segmenter's), upsampled bilinearly and softmaxed at full size
-    as the real passes do (:func:`uda_ray.proxy.softmax_at`), and a smooth confidence map."""
-    from .proxy import softmax_at
+    ``width x height`` (as a segmenter's), upsampled bilinearly and log-softmaxed at full
+    size as the real passes do (:func:`uda_ray.proxy.log_softmax_at`), and a smooth map of
+    discriminator logits turned into MAT's confidence logit."""
+    from .proxy import adversarial_confidence_logit, log_softmax_at
 
     h, w = -(-height // stride), -(-width // stride)
 
     def score(index: Tensor):
-        probs, confs = [], []
+        log_probs, confs = [], []
         for i in index.view(-1).tolist():
             g = torch.Generator().manual_seed(int(i))
             logits = (3 * torch.randn(1, num_classes, h, w, generator=g)).to(device)
-            conf = torch.rand(1, 1, h, w, generator=g).to(device)
-            probs.append(softmax_at(logits, (height, width)))
-            confs.append(torch.nn.functional.interpolate(conf, size=(height, width), mode="bilinear",
-                                                         align_corners=True)[:, 0])
-        return torch.cat(probs), torch.cat(confs)
+            d = (4 * torch.randn(1, 1, h, w, generator=g)).to(device)
+            log_probs.append(log_softmax_at(logits, (height, width)))
+            d = torch.nn.functional.interpolate(d, size=(height, width), mode="bilinear", align_corners=True)
+            confs.append(adversarial_confidence_logit([d]))
+        return torch.cat(log_probs), torch.cat(confs)
 
     return score
 
 
 def bench_proxy(*, images: int, width: int, height: int, num_classes: int = 19, kind: str = "adversarial",
-                portion: float = 0.6, portion2: float = 0.8, bins: int = 2048, out_dir: str | None = None,
+                portion: float = 0.6, portion2: float = 0.8, bins: int = 4096, out_dir: str | None = None,
                 device: str = "auto") -> dict:
     """Time one proxy-label generation (the histogram passes and the labelling pass that
     writes one PNG per image) over a synthetic score volume of ``images x classes x height

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--policy", default="adversarial", choices=("global", "class_balanced", "adversarial"))
     bp.add_argument("--portion", type=float, default=0.6, help="global/class_balanced portion, or MAT's p1")
     bp.add_argument("--portion2", type=float, default=0.8, help="MAT's p2 (adversarial policy)")
-    bp.add_argument("--bins", type=int, default=2048)
+    bp.add_argument("--bins", type=int, default=4096)
     bp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bp.set_defaults(func=_cmd_bench_proxy)
     return p

@@ -3,11 +3,22 @@
 Thresholds come from the statistics of the *whole* target set, so they are computed in
 streaming passes over it with bounded memory: each pass runs the model image by image and
 adds the scores it needs to fixed-size histograms (``bins`` per class, on the model's
-device), and a threshold is read off the histogram's upper tail. A threshold is exact to
-within one bin (``1 / bins``) of ``numpy.percentile`` over all the scores, which is tested;
-memory is ``classes x bins`` counters whatever the size of the set. The last pass writes
-one label PNG per image (train ids, 255 = ignore, the train palette so that it opens as a
-coloured map) beside the run.
+device), and a threshold is read off the histogram's upper tail. Memory is
+``classes x bins`` counters whatever the size of the set. The last pass writes one label
+PNG per image (train ids, 255 = ignore, the train palette so that it opens as a coloured
+map) beside the run.
+
+Scores are binned as *logits* (``log p - log(1 - p)``, clamped to ``[-LOGIT_RANGE,
+LOGIT_RANGE]``), not as probabilities. Confidences pile up against 0 and 1: a trained
+discriminator gives target pixels source-probabilities of 1e-5 and less, a confident
+classifier max-probabilities of 0.9999 and more, and equal-width bins over [0, 1] would put
+most of the set into one bin, so that t1 = 0 kept every pixel whatever p1 asked for
+(measured on the MAT study before this scale was chosen). On the logit scale a bin is
+``2 * LOGIT_RANGE / bins`` wide: a relative precision of about 2% near 0 and 1 with 2048
+bins (the methods' default), 0.005 in probability near 0.5. A threshold is exact to within one bin
+of ``numpy.percentile`` on that scale (tested), and the scores that reach the histograms
+are computed from log-probabilities and logits, never from saturated float32
+probabilities.
 
 Policies (``ProxyPolicy.kind``):
 
@@ -22,10 +33,13 @@ Policies (``ProxyPolicy.kind``):
   A > t1; a pixel takes ``argmax_l P_l / t2_l`` where ``P_l > t2_l`` and ``A > t1``.
 
 Thresholds are histogram bin edges, so ties at a threshold are kept (``>=``, where Eq. 5
-writes ``>``): the kept set is then at least the requested portion.
+writes ``>``): the kept set is then at least the requested portion, and more only by the
+pixels of the threshold's bin (``proxy/kept_frac`` reports it).
 
-Scores are computed at the network input size (logits upsampled bilinearly,
-``align_corners=True``, then the softmax), which is also the size of the written labels.
+A score function returns, per batch of images, the log-probabilities (N, C, H, W) at the
+network input size (logits upsampled bilinearly, ``align_corners=True``, then the log-
+softmax: :func:`log_softmax_at`), which is also the size of the written labels, and, for
+the adversarial policy, the logit of the confidence A (N, H, W).
 """
 
 from __future__ import annotations
@@ -44,27 +58,47 @@ from torch import Tensor
 
 IGNORE = 255
 POLICIES = ("global", "class_balanced", "adversarial")
+LOGIT_RANGE = 20.0  # histograms span logits [-20, 20]: probabilities 2e-9 .. 1 - 2e-9
 
-# score_fn(images) -> (probabilities (N, C, H, W) at the input size, adversarial
-# confidence (N, H, W) in [0, 1] or None)
+# score_fn(images) -> (log-probabilities (N, C, H, W) at the input size, logit of the
+# adversarial confidence (N, H, W) or None)
 ScoreFn = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
+def logit_from_log(log_p: Tensor) -> Tensor:
+    """``log p - log(1 - p)`` from ``log p``, stable at both ends (float32 in, float32 out).
+
+    Example:
+        >>> logit_from_log(torch.tensor([0.5, 0.9]).log())
+        tensor([0.0000, 2.1972])
+    """
+    lp = log_p.float().clamp(max=-1e-30)  # p = 1 exactly: the top of the range
+    return lp - torch.log(-torch.expm1(lp))
+
+
+def confidence(log_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """The classification confidence as a logit, ``logit(max_c P_c)``, and the argmax.
+    Shape: (N, C, H, W) -> (N, H, W) float32, (N, H, W) int64."""
+    lp_max, pred = log_probs.max(1)
+    return logit_from_log(lp_max), pred
 
 
 class Histogram:
     """Counts of scores in ``[lo, hi]`` per channel, ``bins`` equal bins, on any device.
+    Values outside the range count in the first or last bin.
 
     Args:
         channels: independent histograms (e.g. one per class).
         bins: bins per histogram; the resolution of thresholds is ``(hi - lo) / bins``.
 
     Example:
-        >>> h = Histogram(1, bins=10)
+        >>> h = Histogram(1, bins=10, lo=0.0, hi=1.0)
         >>> h.add(torch.tensor([0.05, 0.55, 0.95, 0.97]))
         >>> h.top_threshold(0.5)  # the top half of the values are >= 0.5
         tensor([0.5000], dtype=torch.float64)
     """
 
-    def __init__(self, channels: int = 1, *, bins: int = 2048, lo: float = 0.0, hi: float = 1.0,
+    def __init__(self, channels: int = 1, *, bins: int = 4096, lo: float = -LOGIT_RANGE, hi: float = LOGIT_RANGE,
                  device: torch.device | str = "cpu"):
         self.channels, self.bins, self.lo, self.hi = channels, bins, lo, hi
         self.counts = torch.zeros(channels, bins, dtype=torch.int64, device=device)
@@ -75,7 +109,7 @@ class Histogram:
 
     def add(self, values: Tensor, channel: Tensor | None = None) -> None:
         """Add 1-D ``values``, each to histogram ``channel[i]`` (0 when None)."""
-        idx = ((values.float() - self.lo) / self.width).long().clamp_(0, self.bins - 1)
+        idx = ((values.float() - self.lo) / self.width).floor().clamp_(0, self.bins - 1).long()
         if channel is not None:
             idx = idx + channel.long() * self.bins
         self.counts += torch.bincount(idx, minlength=self.channels * self.bins).view(self.channels, self.bins)
@@ -90,14 +124,15 @@ class Histogram:
     def top_threshold(self, portion: float) -> Tensor:
         """Per channel, the lower edge t of the highest bin such that the values >= t are at
         least ``portion`` of the channel's values: within one bin of
-        ``numpy.percentile(values, 100 * (1 - portion))``. ``inf`` for an empty channel or
+        ``numpy.percentile(values, 100 * (1 - portion))``. The lowest bin's edge is
+        ``-inf`` (it also holds the values below ``lo``); ``inf`` for an empty channel or
         ``portion == 0`` (select nothing); float64, on the CPU."""
         counts = self.counts.double().cpu()
         tail = counts.flip(1).cumsum(1).flip(1)  # tail[c, b] = values in bins >= b
         need = portion * counts.sum(1, keepdim=True)
         ok = tail >= need  # true for b <= the bin sought (tail is non-increasing)
         b = ok.sum(1) - 1  # the highest such bin
-        t = self.lo + b.double() * self.width
+        t = torch.where(b > 0, self.lo + b.double() * self.width, torch.full_like(b, -math.inf, dtype=torch.float64))
         empty = (counts.sum(1) == 0) | (portion <= 0)
         return torch.where(empty, torch.full_like(t, math.inf), t)
 
@@ -109,7 +144,7 @@ class ProxyPolicy:
     kind: str = "class_balanced"
     portion: float = 0.5  # global / class_balanced: the top portion kept; adversarial: p1
     portion2: float = 1.0  # adversarial only: p2, class-balanced portion among A > t1
-    bins: int = 2048
+    bins: int = 4096  # per histogram, over logits [-LOGIT_RANGE, LOGIT_RANGE]
 
     def __post_init__(self):
         if self.kind not in POLICIES:
@@ -122,28 +157,31 @@ class ProxyPolicy:
 
 @dataclass
 class Thresholds:
-    """What the histogram passes found: ``t`` (global, shape (1,)), per-class ``t_class``
-    (class_balanced: t_c; adversarial: t2), and ``t1`` (adversarial)."""
+    """What the histogram passes found, as logits: ``t`` (global, shape (1,)), per-class
+    ``t_class`` (class_balanced: t_c; adversarial: t2), and ``t1`` (adversarial)."""
 
     t: Tensor | None = None
     t_class: Tensor | None = None
     t1: float | None = None
 
 
-def label_map(probs: Tensor, conf: Tensor | None, policy: ProxyPolicy, th: Thresholds) -> Tensor:
-    """Proxy labels (N, H, W) int64 with ``IGNORE``, from probabilities (N, C, H, W) and,
-    for the adversarial policy, the confidence A (N, H, W). Pure function of its inputs:
-    the equations of the policies, pinned by tests."""
+def label_map(log_probs: Tensor, conf: Tensor | None, policy: ProxyPolicy, th: Thresholds) -> Tensor:
+    """Proxy labels (N, H, W) int64 with ``IGNORE``, from log-probabilities (N, C, H, W)
+    and, for the adversarial policy, the logit of the confidence A (N, H, W). Pure function
+    of its inputs: the equations of the policies, pinned by tests. Thresholds are logits."""
     if policy.kind == "global":
-        pmax, pred = probs.max(1)
-        keep = pmax >= th.t.to(probs.device, probs.dtype)
+        score, pred = confidence(log_probs)
+        keep = score >= th.t.to(score.device, score.dtype)
         return torch.where(keep, pred, torch.full_like(pred, IGNORE))
-    t_c = th.t_class.to(probs.device, torch.float64).view(1, -1, 1, 1)
-    ratio = probs.double() / t_c  # inf thresholds (classes never predicted) give ratio 0
-    rmax, pred = ratio.max(1)
+    # P_c / t_c in logs: log P_c - log sigmoid(t_c); t_c = inf (select nothing) gives -inf
+    t_c = th.t_class.to(log_probs.device, torch.float64).view(1, -1, 1, 1)
+    log_t = torch.where(torch.isinf(t_c) & (t_c > 0), torch.full_like(t_c, math.inf),
+                        torch.nn.functional.logsigmoid(t_c))
+    log_ratio = log_probs.double() - log_t
+    rmax, pred = log_ratio.max(1)
     # Eq. 5: P_l > t2_l at l = argmax_l P_l / t2_l, and A > t1. Ties at a threshold are
     # kept (>=): thresholds are bin edges, and the kept set is then at least the portion.
-    keep = rmax >= 1.0
+    keep = rmax >= 0.0
     if policy.kind == "adversarial":
         keep &= conf >= th.t1
     return torch.where(keep, pred, torch.full_like(pred, IGNORE))
@@ -167,15 +205,15 @@ def compute_thresholds(batches: Callable[[], object], score_fn: ScoreFn, policy:
     hist = Histogram(1 if policy.kind == "global" else num_classes, bins=policy.bins, device=device)
     with torch.no_grad():
         for images in batches():
-            probs, conf = score_fn(images)
-            pmax, pred = probs.max(1)
+            log_probs, conf = score_fn(images)
+            score, pred = confidence(log_probs)
             if policy.kind == "global":
-                hist.add(pmax.reshape(-1))
+                hist.add(score.reshape(-1))
                 continue
             if policy.kind == "adversarial":  # only the domain-invariant region counts for t2
                 sel = conf >= th.t1
-                pmax, pred = pmax[sel], pred[sel]
-            hist.add(pmax.reshape(-1), pred.reshape(-1))
+                score, pred = score[sel], pred[sel]
+            hist.add(score.reshape(-1), pred.reshape(-1))
     hist.all_reduce()
     if policy.kind == "global":
         th.t = hist.top_threshold(policy.portion)
@@ -203,15 +241,19 @@ class ProxyStats:
                "proxy/images": float(self.images), "proxy/peak_mem_mb": self.peak_mem_mb}
         if self.judged:
             out["proxy/precision"] = self.correct / self.judged
-        th = self.thresholds
+        th = self.thresholds  # logged as probabilities (sigmoid of the logit thresholds)
         if th is not None and th.t1 is not None:
-            out["proxy/t1"] = th.t1
+            out["proxy/t1"] = _sigmoid(th.t1)
         if th is not None and th.t is not None:
-            out["proxy/t"] = float(th.t[0])
+            out["proxy/t"] = _sigmoid(float(th.t[0]))
         if class_names and self.kept:
             for name, k in zip(class_names, self.kept_per_class):
                 out[f"proxy/class_frac/{name}"] = k / self.kept
         return out
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
 
 
 def save_label_png(path: Path, label: np.ndarray, palette: np.ndarray | None = None) -> None:
@@ -275,8 +317,8 @@ def generate(dataset, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Pat
     with torch.no_grad():
         for batch in batches(shard=False, desc="proxy labels"):
             b = to_device(batch)
-            probs, conf = score_fn(b["image"])
-            lab = label_map(probs, conf, policy, th)
+            log_probs, conf = score_fn(b["image"])
+            lab = label_map(log_probs, conf, policy, th)
             counts += torch.bincount(torch.where(lab == IGNORE, num_classes, lab).reshape(-1),
                                      minlength=num_classes + 1)
             if "label" in batch:
@@ -347,11 +389,26 @@ class ProxyLabelled(torch.utils.data.Dataset):
         return {"image": image_t, "label": label_t, "name": name, "index": i}
 
 
-def softmax_at(logits: Tensor, size) -> Tensor:
-    """Softmax of logits upsampled (bilinear, align_corners=True) to ``size``, float32."""
+def log_softmax_at(logits: Tensor, size) -> Tensor:
+    """Log-softmax of logits upsampled (bilinear, align_corners=True) to ``size``, float32."""
     from .losses import upsample
 
-    return torch.softmax(upsample(logits.float(), size), dim=1)
+    return torch.log_softmax(upsample(logits.float(), size), dim=1)
+
+
+def adversarial_confidence_logit(d_logits: list[Tensor]) -> Tensor:
+    """MAT's averaged adversarial confidence A as a logit, from discriminator logits
+    (target = 1, so each map's source probability is ``sigmoid(-d)``):
+    ``A = mean_i sigmoid(-d_i)``, ``logit(A) = log A - log(1 - A)``, computed with
+    log-sigmoids so that saturated discriminators (|d| of 20 and more) keep their ranking.
+
+    Shape: list of (N, 1, H, W) -> (N, H, W) float32.
+    """
+    d = torch.stack([x.float() for x in d_logits])  # (K, N, 1, H, W)
+    F_ = torch.nn.functional
+    log_a = torch.logsumexp(F_.logsigmoid(-d), dim=0)  # log(sum_i P_i(source)); the 1/K cancels
+    log_1ma = torch.logsumexp(F_.logsigmoid(d), dim=0)
+    return (log_a - log_1ma)[:, 0]
 
 
 def generate_for_run(ctx, data: dict, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Path, *,

@@ -48,7 +48,7 @@ from ..config import ConfigError, knob, register_method_config
 from ..losses import SOURCE, TARGET, full, gan_loss, seg_loss, upsample
 from ..models import FeatureDiscriminator, PatchDiscriminator
 from ..models.batchnorm import bn_domain
-from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run
+from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run, log_softmax_at
 from .base import Method, discriminator_optimizer, set_requires_grad
 
 
@@ -69,7 +69,7 @@ class DASTConfig:
                        choices=("global", "class_balanced"))
     ndf: int = knob(64, "corrector width (paper 64: 64-128-256-512-1)", lo=1)
     d_width: int = knob(256, "discoverer width (paper 256: 256-128-64-1, 3x3, stride 1)", lo=4)
-    bins: int = knob(2048, "histogram bins of the streaming pseudo-label threshold", lo=16)
+    bins: int = knob(2048, "histogram bins of the streaming pseudo-label threshold, over logits in [-20, 20]", lo=16)
 
 
 class DAST(Method):
@@ -209,7 +209,7 @@ class DAST(Method):
         return ProxyLabelled(data["target"], out_dir)
 
     def _score(self, gen):
-        """score_fn of the round's generator: probabilities as the model predicts them."""
+        """score_fn of the round's generator: log-probabilities as the model predicts them."""
         net, disc = gen["model"], gen["discoverer"] if "discoverer" in gen else None
 
         def score(images):
@@ -219,7 +219,7 @@ class DAST(Method):
                 logits, _, _, _ = self.forward_target(images, attention=self.p.attention and self.p.test_attention,
                                                       model=net, discoverer=disc, need_d=False)
             net.train(was)
-            return torch.softmax(upsample(logits.float(), images.shape[-2:]), dim=1), None
+            return log_softmax_at(logits, images.shape[-2:]), None
 
         return score
 

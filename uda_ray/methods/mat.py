@@ -22,9 +22,11 @@ Choices where the paper is silent:
 - Domain labels: the paper's discriminators say 1 for source; ours follow the package's
   convention (source 0, target 1), so the adversarial confidence of a target pixel is
   ``A = 1 - sigmoid(D(x))``, the probability of "source" (domain-invariant).
-- "Normalize them to the same scale": each discriminator's logit map goes through its
-  sigmoid (a probability, the same [0, 1] scale for both), is upsampled (bilinear) to the
-  input size, and A is the mean over the discriminators used (D1, plus D2 with mul_adv).
+- "Normalize them to the same scale": each discriminator's logit map is upsampled
+  (bilinear) to the input size and goes through its sigmoid (a probability, the same
+  [0, 1] scale for both), and A is the mean over the discriminators used (D1, plus D2
+  with mul_adv). A is computed and thresholded as a logit (log-sigmoids), because trained
+  discriminators saturate: target pixels' source probabilities of 1e-6 must still rank.
 - The loss weights are not given: lambda_adv1 = 1e-3 and lambda_adv2 = 2e-4 follow
   AdaptSegNet's main/auxiliary weights; both are searched in ``studies/mat_search.py``.
 - Multi-scale inference: softmax averaged over ``mat.ms_scales`` (0.75, 1, 1.25 by
@@ -45,7 +47,7 @@ from ..engine import build_segmenter, load_checkpoint_file
 from ..losses import GAN_KINDS, SOURCE, TARGET, gan_loss, seg_loss, upsample
 from ..models import PooledDiscriminator
 from ..models.batchnorm import bn_domain
-from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run
+from ..proxy import ProxyLabelled, ProxyPolicy, adversarial_confidence_logit, generate_for_run, log_softmax_at
 from .base import Method, ScheduledOptimizer, set_requires_grad
 
 
@@ -70,7 +72,7 @@ class MATConfig:
     ms_scales: str = knob("0.75,1.0,1.25", "input scales averaged by multi-scale inference")
     gan: str = knob("vanilla", "adversarial loss: vanilla GAN (Eqs. 2-3, BCE) or least squares", choices=GAN_KINDS)
     ndf: int = knob(64, "discriminator base width (conv widths ndf, 2ndf, 4ndf, 8ndf)", lo=1)
-    bins: int = knob(2048, "histogram bins of the streaming thresholds (resolution 1/bins)", lo=16)
+    bins: int = knob(2048, "histogram bins of the streaming thresholds, over logits in [-20, 20]", lo=16)
 
 
 # the features each discriminator judges: D1 the decoder output F(x), D2 the mid level F_l(x)
@@ -179,9 +181,9 @@ class MAT(Method):
         return ProxyPolicy("adversarial", portion=self.p.p1, portion2=self.p.p2, bins=self.p.bins)
 
     def _generator(self):
-        """score_fn of the ``init_from`` checkpoint: its segmenter's probabilities P and the
-        adversarial confidence A of its discriminators (loaded in ``__init__``), at the
-        input size."""
+        """score_fn of the ``init_from`` checkpoint: its segmenter's log-probabilities log P
+        and the logit of the adversarial confidence A of its discriminators (loaded in
+        ``__init__``), at the input size."""
         model = copy.deepcopy(self.model)
         model.load_state_dict(load_checkpoint_file(self.cfg.run.init_from)["modules"]["model"])
         model.eval()
@@ -194,12 +196,12 @@ class MAT(Method):
             size = images.shape[-2:]
             with bn_domain(model, "target"), self.ctx.autocast():
                 out = model(images)
-                confs = [torch.sigmoid(upsample(d(out.features[LEVELS[lv]]).float(), size))
-                         for lv, d in discs.items()]
+                d_logits = [upsample(d(out.features[LEVELS[lv]]).float(), size) for lv, d in discs.items()]
             # single-scale: multi-scale inference (mat.ms) is a post-processing of predictions
-            probs = torch.softmax(upsample(out.logits["main"].float(), size), dim=1)
-            conf = (1.0 - torch.stack(confs).mean(0))[:, 0] if confs else None  # P(source)
-            return probs, conf
+            log_probs = log_softmax_at(out.logits["main"], size)
+            # A = mean over D1 (and D2) of P(source) = sigmoid(-d), as a logit
+            conf = adversarial_confidence_logit(d_logits) if d_logits else None
+            return log_probs, conf
 
         return score
 
