@@ -140,6 +140,14 @@ def test_mean_std_n_delta_on_hand_case(result):
     assert se["n"] == 2 and se["mIoU"] == pytest.approx(34.5) and se["mIoU_std"] == pytest.approx(math.sqrt(0.5))
     assert se["delta"] == pytest.approx(2.5) and se["method"] == "adaptseg"
     assert av["n"] == 1 and math.isnan(av["mIoU_std"]) and av["delta"] == pytest.approx(-1.0)
+    # seed-paired: adaptseg beats source_only by 3 on every seed; adaptseg_search by 4 and 3
+    # on seeds 0 and 1 (3.5 ± 0.71, where the difference of means says 2.5)
+    assert ad["delta_paired"] == pytest.approx(3.0) and ad["delta_paired_std"] == pytest.approx(0.0, abs=1e-9)
+    assert (ad["wins"], ad["n_paired"]) == (3, 3)
+    assert se["delta_paired"] == pytest.approx(3.5) and se["delta_paired_std"] == pytest.approx(math.sqrt(0.5))
+    assert (se["wins"], se["n_paired"]) == (2, 2)
+    # advent's one seed (0) beats source_only's seed 0 (31 vs 30) though its Δ of means is -1
+    assert av["delta_paired"] == pytest.approx(1.0) and (av["wins"], av["n_paired"]) == (1, 1)
     assert "advent seed 0: several finished runs, the latest" in result.text
     # per-class columns in Cityscapes order, not alphabetical
     assert [c for c in t.columns if c.startswith("IoU/")] == ["IoU/road", "IoU/traffic_light"]
@@ -148,6 +156,8 @@ def test_mean_std_n_delta_on_hand_case(result):
     so_line = next(ln for ln in lines if ln.startswith("source_only "))
     assert "32.0 ± 2.0" in so_line and "—" in so_line
     assert "+3.0" in next(ln for ln in lines if ln.startswith("adaptseg "))
+    assert "+3.0 ± 0.0 (3/3)" in next(ln for ln in lines if ln.startswith("adaptseg "))
+    assert "+3.5 ± 0.7 (2/2)" in next(ln for ln in lines if ln.startswith("adaptseg_search "))
     assert "-1.0" in next(ln for ln in lines if ln.startswith("advent "))
 
 

@@ -2,7 +2,9 @@
 read from MLflow alone (the study runner's parent run and its child runs).
 
 One line per row: the finished seeds' mean ± sample std of the reported target-val mIoU (in %),
-Δ against the baseline row in points, the selection-split mIoU, failed runs (counted and listed,
+Δ against the baseline row in points (difference of the means, and the mean ± std of the
+seed-paired differences with the number of seeds on which the row beats the baseline), the
+selection-split mIoU, failed runs (counted and listed,
 never averaged), per-class IoU, and the best hyperparameters of search rows. Below the table, the
 honest-selection check: the row that the objective (a split disjoint from val) would pick against
 the best row on the reported metric, the gap being what picking on val would overstate.
@@ -324,13 +326,23 @@ def _table(spec: _Spec, rows: list[_Row]):
     has13 = any(m13 in r.metrics for row in rows for r in row.finished)
     base = next((r for r in rows if r.name == spec.baseline), None)
     base_mean = base.mean(spec.report, 100) if base else math.nan
+    base_seed = {r.seed: r.metrics[spec.report] for r in (base.finished if base else [])
+                 if math.isfinite(r.metrics.get(spec.report, math.nan))}
     col = spec.report_col
     records = []
     for row in rows:
         mean = row.mean(spec.report, 100)
+        # seed-paired differences to the baseline: the same seed's data order and init on
+        # both sides, so they see through the seed-to-seed spread that Δ of means carries
+        diffs = [100 * (r.metrics[spec.report] - base_seed[r.seed]) for r in row.finished
+                 if r.seed in base_seed and math.isfinite(r.metrics.get(spec.report, math.nan))]
         rec = {"row": row.name, "method": row.method, "n": len(row.finished), col: mean,
                f"{col}_std": row.std(spec.report, 100),
                "delta": mean - base_mean if spec.baseline else math.nan,
+               "delta_paired": statistics.fmean(diffs) if diffs and spec.baseline else math.nan,
+               "delta_paired_std": statistics.stdev(diffs) if len(diffs) >= 2 and spec.baseline else math.nan,
+               "n_paired": len(diffs) if spec.baseline else 0,
+               "wins": sum(d > 0 for d in diffs) if spec.baseline else 0,
                "sel_mIoU": row.mean(SEL_METRIC, 100), "n_failed": len(row.failed)}
         if has13:
             rec["mIoU13"] = row.mean(m13, 100)
@@ -338,10 +350,11 @@ def _table(spec: _Spec, rows: list[_Row]):
             rec[f"IoU/{c}"] = row.mean(spec.iou_prefix + c, 100)
         rec["best_hparams"] = ", ".join(f"{k}={v}" for k, v in row.hparams.items())
         records.append(rec)
-    cols = ["row", "method", "n", col, f"{col}_std", "delta", "sel_mIoU", "n_failed"]
+    cols = ["row", "method", "n", col, f"{col}_std", "delta", "delta_paired", "delta_paired_std", "n_paired",
+            "wins", "sel_mIoU", "n_failed"]
     cols += ["mIoU13"] * has13 + [f"IoU/{c}" for c in classes] + ["best_hparams"]
     df = pd.DataFrame.from_records(records, columns=cols)
-    return df.astype({"n": "int64", "n_failed": "int64"})
+    return df.astype({"n": "int64", "n_failed": "int64", "n_paired": "int64", "wins": "int64"})
 
 
 def _pick(rows: list[_Row], key: str, mode: str, report: str) -> dict | None:
@@ -461,6 +474,12 @@ def _f(v: float, signed: bool = False) -> str:
     return f"{v:+.1f}" if signed else f"{v:.1f}"
 
 
+def _paired(t) -> str:
+    """``+1.2 ± 0.3 (3/3)``: mean ± std of the seed-paired differences, and the seeds won."""
+    std = "" if math.isnan(t["delta_paired_std"]) else f" ± {t['delta_paired_std']:.1f}"
+    return f"{t['delta_paired']:+.1f}{std} ({t['wins']}/{t['n_paired']})"
+
+
 def _grid(header: list[str], lines: list[list[str]], right: list[bool]) -> list[str]:
     w = [max(len(header[j]), *(len(r[j]) for r in lines)) for j in range(len(header))]
     def fmt(cells):
@@ -477,9 +496,9 @@ def _render(name: str, spec: _Spec, rows: list[_Row], table, selection: dict, im
     classes = [c for c in table.columns if c.startswith("IoU/")]
     has13 = "mIoU13" in table.columns
     has_hp = any(table["best_hparams"])
-    header = ["row", "method", "n", col] + ["Δ"] * bool(spec.baseline) + ["sel mIoU", "failed"]
+    header = ["row", "method", "n", col] + ["Δ", "paired Δ (wins)"] * bool(spec.baseline) + ["sel mIoU", "failed"]
     header += ["mIoU13"] * has13 + [c[len("IoU/"):] for c in classes] + ["best hyperparameters"] * has_hp
-    right = [False, False, True, False] + [True] * bool(spec.baseline) + [True, True]
+    right = [False, False, True, False] + [True, True] * bool(spec.baseline) + [True, True]
     right += [True] * has13 + [True] * len(classes) + [False] * has_hp
     lines = []
     for _, t in table.iterrows():
@@ -492,6 +511,7 @@ def _render(name: str, spec: _Spec, rows: list[_Row], table, selection: dict, im
         cells = [t["row"], t["method"], str(t["n"]), m]
         if spec.baseline:
             cells.append(_DASH if t["row"] == spec.baseline else _f(t["delta"], signed=True))
+            cells.append(_DASH if t["row"] == spec.baseline or not t["n_paired"] else _paired(t))
         cells += [_f(t["sel_mIoU"]), str(t["n_failed"]) if t["n_failed"] else ""]
         cells += ([_f(t["mIoU13"])] if has13 else []) + [_f(t[c]) for c in classes]
         cells += [t["best_hparams"]] if has_hp else []
