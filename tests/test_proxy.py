@@ -70,12 +70,12 @@ def test_saturated_adversarial_confidence_keeps_the_requested_portion():
     g = torch.Generator().manual_seed(0)
     n = 20_000
     log_probs = torch.log_softmax(3 * torch.randn(1, 5, 1, n, generator=g), dim=1)
-    conf = (-15 + torch.randn(1, 1, n, generator=g))  # logits of A: A ~ 3e-7
+    conf = (-25 + 3 * torch.randn(1, 1, n, generator=g))  # logits of A: A ~ 1e-11 (measured: -20 to -30)
     policy = ProxyPolicy("adversarial", portion=0.5, portion2=1.0)
     th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, conf), policy, 5, torch.device("cpu"))
     kept = (label_map(log_probs, conf, policy, th) != IGNORE).float().mean().item()
     assert 0.5 <= kept <= 0.51, kept
-    assert ProxyStats(thresholds=th).metrics()["proxy/t1"] < 1e-5  # logged as a probability
+    assert ProxyStats(thresholds=th).metrics()["proxy/t1"] < 1e-8  # logged as a probability
 
 
 def _probs(x):
@@ -84,7 +84,7 @@ def _probs(x):
     return torch.stack([torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)])[None, :, None, :]
 
 
-# Hand-checked cases: 40 bins over logits [-20, 20] are 1 wide, so thresholds are integers.
+# Hand-checked cases: 100 bins over logits [-50, 50] are 1 wide, so thresholds are integers.
 
 def test_mat_t1_t2_and_eq5_by_hand():
     # 4 pixels, all predicting class 0, with logit(P_0) = 3.5, 1.5, 2.5, 4.5 and logit(A) =
@@ -93,7 +93,7 @@ def test_mat_t1_t2_and_eq5_by_hand():
     log_probs = _probs([3.5, 1.5, 2.5, 4.5])
     conf = torch.tensor([[[3.5, 2.5, -1.5, -3.5]]])
     for p2, t2_0, expected in [(0.5, 3.0, [0, IGNORE, IGNORE, IGNORE]), (1.0, 1.0, [0, 0, IGNORE, IGNORE])]:
-        policy = ProxyPolicy("adversarial", portion=0.5, portion2=p2, bins=40)
+        policy = ProxyPolicy("adversarial", portion=0.5, portion2=p2, bins=100)
         th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, conf), policy, 2, torch.device("cpu"))
         assert th.t1 == pytest.approx(2.0)
         # t2 among pixels with A >= t1 only: class 0 scores {3.5, 1.5}; class 1 never predicted
@@ -116,7 +116,7 @@ def test_class_balanced_thresholds_per_predicted_class():
     # logit(P_0) = 3.5, 2.5, 1.5, 0.5 predict class 0; pixel 4 (logit(P_0) = -0.5) predicts
     # class 1 with confidence logit 0.5. Top half per class: t_0 = 2, t_1 = 0 (P = 0.5).
     log_probs = _probs([3.5, 2.5, 1.5, 0.5, -0.5])
-    policy = ProxyPolicy("class_balanced", portion=0.5, bins=40)
+    policy = ProxyPolicy("class_balanced", portion=0.5, bins=100)
     th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, None), policy, 2, torch.device("cpu"))
     assert th.t_class.tolist() == pytest.approx([2.0, 0.0])
     # pixel 4: P_1 / sigmoid(0) = 0.62 / 0.5 >= 1 -> class 1; pixels 2, 3 below both
@@ -125,7 +125,7 @@ def test_class_balanced_thresholds_per_predicted_class():
 
 def test_global_top_portion():
     log_probs = _probs([3.5, 2.5, 1.5, 0.5, -0.5])  # confidence logits 3.5 2.5 1.5 0.5 0.5
-    policy = ProxyPolicy("global", portion=0.4, bins=40)
+    policy = ProxyPolicy("global", portion=0.4, bins=100)
     th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, None), policy, 2, torch.device("cpu"))
     assert th.t.item() == pytest.approx(2.0)  # the top 40%: 3.5 and 2.5
     assert label_map(log_probs, None, policy, th)[0, 0].tolist() == [0, 0, IGNORE, IGNORE, IGNORE]
@@ -171,3 +171,21 @@ def test_generate_writes_label_pngs_that_train_reads_back(data_root, tmp_path):
     sample = train[(0, 123)]
     assert sample["label"].shape == sample["image"].shape[-2:]
     assert set(sample["label"].unique().tolist()) <= {0, 1, IGNORE}
+
+
+def test_refocused_fraction_is_counted_and_logged(data_root, tmp_path):
+    """The p1 step's share (pixels with A >= t1) is measured in the labelling pass."""
+    from uda_ray.engine import build_datasets
+    from trees import tiny_cfg
+
+    data = build_datasets(tiny_cfg(data_root, tmp_path, "source_only", **{"data.select_n": 1}))
+
+    def score_fn(images):
+        n, _, h, w = images.shape
+        g = torch.Generator().manual_seed(0)
+        return torch.log_softmax(torch.randn(n, 19, h, w, generator=g), 1), torch.randn(n, h, w, generator=g)
+
+    stats = generate(data["target_eval"], score_fn, ProxyPolicy("adversarial", portion=0.3, portion2=0.5),
+                     tmp_path / "p", num_classes=19, device=torch.device("cpu"))
+    m = stats.metrics()
+    assert 0.3 <= m["proxy/refocused_frac"] <= 0.31 and m["proxy/kept_frac"] <= m["proxy/refocused_frac"]

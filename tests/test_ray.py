@@ -121,7 +121,9 @@ def test_study_across_two_nodes_records_rows_and_skips_finished_ones(cluster, da
         Row("source_only", "source_only"),
         Row("adabn", "adabn", init_from="source_only"),
         Row("adaptseg", "adaptseg", init_from="source_only", set={"adaptseg.gan": "ls"}),
-        Row("adaptseg_search", "adaptseg", init_from="source_only", space=_space, num_samples=2),
+        # checkpoints every step: reports without the objective reach the Optuna searcher
+        Row("adaptseg_search", "adaptseg", init_from="source_only", space=_space, num_samples=2,
+            set={"run.checkpoint_every": 1}),
         Row("broken", "source_only", set={"optim.lr": 1e30, "run.iterations": 4}),
     ])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -114,8 +114,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Checkpoint-only reports carry no evaluation metrics; selection reads the ones that do.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
@@ -155,6 +153,9 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
 
     import ray
 
+    # Checkpoint-only reports carry no evaluation metrics; selection reads the ones that do
+    # (here, not in init_ray: a caller may have connected to Ray itself).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # On a cluster whose head advertises "trial_driver" slots (cluster.yaml), drivers run
     # there and leave every CPU and GPU to the training workers; locally, a CPU share.
     res = {"trial_driver": 1} if ray.cluster_resources().get("trial_driver") else {"CPU": driver_cpus}
@@ -167,12 +168,13 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
     tune_kw: dict = {"max_concurrent_trials": max_concurrent}
     if space is not None:
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
+
+        from ._tune_search import MetricReportsOptunaSearch
 
         multi = isinstance(metric, (list, tuple))
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, max(1, num_samples // 2)))
         storage = optuna.storages.RDBStorage(optuna_storage) if optuna_storage else None
-        search = OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler,
+        search = MetricReportsOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler,
                               study_name=optuna_study, storage=storage, seed=None)
         tune_kw.update(search_alg=search, num_samples=num_samples)
         if asha and not multi:

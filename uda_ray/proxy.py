@@ -10,15 +10,18 @@ map) beside the run.
 
 Scores are binned as *logits* (``log p - log(1 - p)``, clamped to ``[-LOGIT_RANGE,
 LOGIT_RANGE]``), not as probabilities. Confidences pile up against 0 and 1: a trained
-discriminator gives target pixels source-probabilities of 1e-5 and less, a confident
-classifier max-probabilities of 0.9999 and more, and equal-width bins over [0, 1] would put
-most of the set into one bin, so that t1 = 0 kept every pixel whatever p1 asked for
-(measured on the MAT study before this scale was chosen). On the logit scale a bin is
-``2 * LOGIT_RANGE / bins`` wide: a relative precision of about 2% near 0 and 1 with 2048
-bins (the methods' default), 0.005 in probability near 0.5. A threshold is exact to within one bin
-of ``numpy.percentile`` on that scale (tested), and the scores that reach the histograms
-are computed from log-probabilities and logits, never from saturated float32
-probabilities.
+discriminator gives target pixels source-probabilities of 1e-5 and far less (logits of
+-20 to -30 measured on the MAT study), a confident classifier max-probabilities of 0.9999
+and more, and equal-width bins over [0, 1] would put most of the set into one bin, so that
+t1 = 0 kept every pixel whatever p1 asked for (measured: 81% kept for p1 * p2 = 0.48). On
+the logit scale a bin is ``2 * LOGIT_RANGE / bins`` wide (0.049 with the methods' 2048
+bins: 5% in the odds, 0.012 in probability near 0.5, 0.004 near 0.9; raise ``bins`` for
+finer thresholds). A threshold is exact to within one bin of ``numpy.percentile`` on that
+scale (tested), and the scores that reach the histograms are computed from
+log-probabilities and log-sigmoids, never from saturated float32 probabilities. A
+generation whose thresholded step keeps clearly more than it asked for (ties in one bin,
+or scores beyond the range) says so in a warning; ``proxy/refocused_frac`` (A >= t1) and
+``proxy/kept_frac`` are logged beside ``proxy/requested_frac``.
 
 Policies (``ProxyPolicy.kind``):
 
@@ -58,7 +61,7 @@ from torch import Tensor
 
 IGNORE = 255
 POLICIES = ("global", "class_balanced", "adversarial")
-LOGIT_RANGE = 20.0  # histograms span logits [-20, 20]: probabilities 2e-9 .. 1 - 2e-9
+LOGIT_RANGE = 50.0  # histograms span logits [-50, 50]: probabilities 2e-22 .. 1 - 2e-22
 
 # score_fn(images) -> (log-probabilities (N, C, H, W) at the input size, logit of the
 # adversarial confidence (N, H, W) or None)
@@ -146,6 +149,10 @@ class ProxyPolicy:
     portion2: float = 1.0  # adversarial only: p2, class-balanced portion among A > t1
     bins: int = 4096  # per histogram, over logits [-LOGIT_RANGE, LOGIT_RANGE]
 
+    def requested(self) -> float:
+        """The portion of pixels the policy asks for (adversarial: about p1 * p2)."""
+        return self.portion * (self.portion2 if self.kind == "adversarial" else 1.0)
+
     def __post_init__(self):
         if self.kind not in POLICIES:
             raise ValueError(f"proxy policy must be one of {POLICIES}, got {self.kind!r}")
@@ -232,12 +239,14 @@ class ProxyStats:
     kept_per_class: list = field(default_factory=list)
     correct: int = 0  # kept pixels that agree with the ground truth, when the set has labels
     judged: int = 0  # kept pixels with a valid ground-truth label
+    refocused: int = 0  # adversarial: pixels with A >= t1 (the p1 step)
     seconds: float = 0.0
     peak_mem_mb: float = 0.0  # CUDA: peak allocated during the generation; CPU: the process's peak RSS
     thresholds: Thresholds | None = None
 
     def metrics(self, class_names: list[str] | None = None) -> dict[str, float]:
         out = {"proxy/kept_frac": self.kept / max(1, self.pixels), "proxy/seconds": self.seconds,
+               **({"proxy/refocused_frac": self.refocused / max(1, self.pixels)} if self.refocused else {}),
                "proxy/images": float(self.images), "proxy/peak_mem_mb": self.peak_mem_mb}
         if self.judged:
             out["proxy/precision"] = self.correct / self.judged
@@ -313,12 +322,15 @@ def generate(dataset, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Pat
     stats = ProxyStats(kept_per_class=[0] * num_classes, thresholds=th)
     counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
     judged = torch.zeros(2, dtype=torch.int64, device=device)
+    refocused = torch.zeros((), dtype=torch.int64, device=device)
     pal = train_palette(num_classes)
     with torch.no_grad():
         for batch in batches(shard=False, desc="proxy labels"):
             b = to_device(batch)
             log_probs, conf = score_fn(b["image"])
             lab = label_map(log_probs, conf, policy, th)
+            if policy.kind == "adversarial":
+                refocused += (conf >= th.t1).sum()
             counts += torch.bincount(torch.where(lab == IGNORE, num_classes, lab).reshape(-1),
                                      minlength=num_classes + 1)
             if "label" in batch:
@@ -339,6 +351,7 @@ def generate(dataset, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Pat
     stats.kept = sum(c[:num_classes])
     stats.pixels = sum(c)
     stats.correct, stats.judged = judged.cpu().tolist()
+    stats.refocused = int(refocused)
     stats.seconds = time.perf_counter() - t0
     if device.type == "cuda":
         stats.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
@@ -437,11 +450,23 @@ def generate_for_run(ctx, data: dict, score_fn: ScoreFn, policy: ProxyPolicy, ou
     stats = generate(data["target_eval"], score_fn, policy, out_dir, num_classes=cfg.data.num_classes,
                      device=ctx.device, to_device=ctx.to_device, num_workers=min(2, cfg.run.num_workers),
                      rank=ctx.rank, world_size=ctx.world_size, on_image=keep)
+    # The thresholded steps keep at least their portion, more only by ties in the threshold's
+    # bin (class-balanced labels may legitimately exceed theirs: a pixel can pass through
+    # another class's ratio). Clearly more is worth a warning: near-constant scores.
+    frac = (stats.refocused if policy.kind == "adversarial" else stats.kept) / max(1, stats.pixels)
+    if ctx.rank == 0 and policy.kind != "class_balanced" and frac > policy.portion + 0.05:
+        import warnings
+
+        step_name = "A >= t1" if policy.kind == "adversarial" else "the top portion"
+        warnings.warn(f"proxy labels in {out_dir}: {step_name} kept {frac:.1%} of the pixels where the "
+                      f"{policy.kind} policy asked for {policy.portion:.1%}: the scores tie at the threshold "
+                      f"(near-constant confidences, e.g. an untrained model)", stacklevel=2)
     if ctx.rank == 0 and ctx.tracker is not None:
         from .data.labels import class_names
         from .engine import mosaic_png
 
-        ctx.tracker.log_metrics(stats.metrics(class_names(cfg.data.num_classes)), step=step)
+        ctx.tracker.log_metrics({**stats.metrics(class_names(cfg.data.num_classes)),
+                                 "proxy/requested_frac": policy.requested()}, step=step)
         if rows:
             path = mosaic_png(rows, out_dir.parent / f"{out_dir.name}_mosaic.png", norm=cfg.data.norm,
                               num_classes=cfg.data.num_classes)

@@ -69,7 +69,7 @@ class DASTConfig:
                        choices=("global", "class_balanced"))
     ndf: int = knob(64, "corrector width (paper 64: 64-128-256-512-1)", lo=1)
     d_width: int = knob(256, "discoverer width (paper 256: 256-128-64-1, 3x3, stride 1)", lo=4)
-    bins: int = knob(2048, "histogram bins of the streaming pseudo-label threshold, over logits in [-20, 20]", lo=16)
+    bins: int = knob(2048, "histogram bins of the streaming pseudo-label threshold, over logits in [-50, 50]", lo=16)
 
 
 class DAST(Method):
