@@ -14,6 +14,15 @@ Rows, with the paper's GTA5 -> Cityscapes mIoU (ResNet-101) beside them:
 | mul_adv_proxy | proxies + retraining (mul_adv) | x | x | x | | 49.8 (49.6 in the text) |
 | mul_adv_proxy_ms | multi-scale inference of mul_adv_proxy | x | x | x | x | 50.4 |
 
+Controls (not in the paper's table): ``adabn`` re-estimates the source model's BatchNorm
+statistics on the target (no training), ``adapt_no_adv`` runs the adaptation stage's 200
+iterations without discriminators (source only, no target images): together they show how
+much of the adaptation stage's gain is the adversarial training and how much the target
+BatchNorm statistics and the extra iterations. ``mul_adv_proxy_ft`` retrains on the same
+proxies from the adapted model instead of the initial weights (``mat.retrain_from=adapted``,
+which the paper tried and found worse with ImageNet weights; here the "initial weights" are
+random, see below).
+
 Scale: the ``study-cpu`` preset (tiny encoder-decoder ``mat_tiny`` at 160x80, batch 4),
 400 source iterations, 200 adaptation iterations, 400 retraining iterations, proxies
 with the paper's p1 = 0.6, p2 = 0.8. The paper adapts at a fixed lr of 1e-4 for 10k
@@ -40,6 +49,12 @@ STUDY = Study(
         Row("mul_adv_proxy", "mat", init_from="mul_adv", set={**RETRAIN, "mat.adv": True, "mat.mul_adv": True}),
         Row("mul_adv_proxy_ms", "mat", init_from="mul_adv_proxy",
             set={"mat.proxy": True, "mat.ms": True, "run.iterations": 0}),
+        # Controls, not in the paper: what the adaptation stage's gain is made of, and the
+        # proxies with the paper's other initialisation (fine-tuning the adapted model).
+        Row("adabn", "adabn", init_from="source_only"),
+        Row("adapt_no_adv", "mat", init_from="source_only", set={**ADAPT, "mat.adv": False, "mat.mul_adv": False}),
+        Row("mul_adv_proxy_ft", "mat", init_from="mul_adv",
+            set={**RETRAIN, "mat.adv": True, "mat.mul_adv": True, "mat.retrain_from": "adapted"}),
     ],
     seeds=(0, 1, 2),
     baseline="source_only",

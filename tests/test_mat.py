@@ -129,3 +129,17 @@ def test_every_study_switch_combination_is_smoke_tested():
               for proxy, ms in ((False, False), (True, False), (True, True))}
     missing = study_switches("mat", ("mat.adv", "mat.mul_adv", "mat.proxy", "mat.ms")) - tested
     assert not missing, missing
+
+
+def test_retraining_starts_from_the_initial_or_the_adapted_weights(data_root, source):
+    tmp, src = source
+    adapted = _stage(data_root, tmp, "adapt-rf", **{"run.init_from": str(src.run_dir)})
+    a = load_checkpoint_file(checkpoint_path(adapted.run_dir))["modules"]["model"]
+    common = {"mat.proxy": True, "run.iterations": 1, "optim.lr": 1e-12, "run.init_from": str(adapted.run_dir)}
+    out = {}
+    for how in ("init", "adapted"):
+        r = _stage(data_root, tmp, f"rf-{how}", **{**common, "mat.retrain_from": how})
+        out[how] = load_checkpoint_file(checkpoint_path(r.run_dir))["modules"]["model"]
+    w = "backbone.conv1.weight"  # a parameter (BN buffers move with the target batches)
+    torch.testing.assert_close(out["adapted"][w], a[w], rtol=0, atol=1e-8)
+    assert not torch.allclose(out["init"][w], a[w], atol=1e-3)
