@@ -16,8 +16,10 @@ Rows, with the paper's GTA5 -> Cityscapes mIoU (ResNet-101) beside them:
 
 Controls (not in the paper's table): ``adabn`` re-estimates the source model's BatchNorm
 statistics on the target (no training), ``adapt_no_adv`` runs the adaptation stage's 200
-iterations without discriminators (source only, no target images): together they show how
-much of the adaptation stage's gain is the adversarial training and how much the target
+iterations without discriminators (source only, no target images), ``adv_lambda0`` the
+``adv`` row with lambda_adv1 = 0 (target images through the shared BatchNorm and D1
+trained, but no adversarial gradient reaches the segmenter): together they show how much
+of the adaptation stage's gain is the adversarial training and how much the target
 BatchNorm statistics and the extra iterations. ``mul_adv_proxy_ft`` retrains on the same
 proxies from the adapted model instead of the initial weights (``mat.retrain_from=adapted``,
 which the paper tried and found worse with ImageNet weights; here the "initial weights" are
@@ -53,6 +55,8 @@ STUDY = Study(
         # proxies with the paper's other initialisation (fine-tuning the adapted model).
         Row("adabn", "adabn", init_from="source_only"),
         Row("adapt_no_adv", "mat", init_from="source_only", set={**ADAPT, "mat.adv": False, "mat.mul_adv": False}),
+        Row("adv_lambda0", "mat", init_from="source_only",
+            set={**ADAPT, "mat.adv": True, "mat.mul_adv": False, "mat.lambda_adv1": 0.0}),
         Row("mul_adv_proxy_ft", "mat", init_from="mul_adv",
             set={**RETRAIN, "mat.adv": True, "mat.mul_adv": True, "mat.retrain_from": "adapted"}),
     ],
