@@ -54,13 +54,10 @@ class AdaptSeg(Method):
         return {"seg": self.opt_g, "disc": self.opt_d}
 
     def train_step(self, src, tgt, step):
-        opt_g, opt_d = self.opt_g.optimizer, self.opt_d.optimizer
-        opt_g.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)
+        self.zero_grad()
         logs, prob_s, prob_t = self.generator_step(src, tgt)
         logs.update(self.discriminator_step(prob_s, prob_t))
-        opt_g.step()
-        opt_d.step()
+        self.step()
         return logs
 
     def generator_step(self, src, tgt):

@@ -100,6 +100,16 @@ class Method:
     def optimizers(self) -> dict[str, ScheduledOptimizer]:
         return {"seg": self.opt_g} if self.opt_g is not None else {}
 
+    def zero_grad(self) -> None:
+        """Clear the gradients of every optimizer of the method."""
+        for so in self.optimizers().values():
+            so.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        """One step of every optimizer, after the iteration's backward passes."""
+        for so in self.optimizers().values():
+            so.optimizer.step()
+
     def switches(self) -> dict[str, bool]:
         """The ablation switches of this row: the boolean knobs of the method's section."""
         return {f"{self.name}.{f.name}": getattr(self.p, f.name) for f in fields(self.p)

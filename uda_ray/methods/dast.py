@@ -131,9 +131,7 @@ class DAST(Method):
     # --- one iteration --------------------------------------------------------------------
     def train_step(self, src, tgt, step):
         model, p = self.model, self.p
-        opt_g, opt_d = self.opt_g.optimizer, self.opt_d.optimizer
-        opt_g.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)
+        self.zero_grad()
         set_requires_grad(self.discs, False)
         logs = {}
         # 1. segmentation on source
@@ -181,8 +179,7 @@ class DAST(Method):
                       + gan_loss(self.corrector(prob_t.detach()), TARGET, self.gan))
             loss_c.backward()
             logs["loss/disc_corrector"] = loss_c.detach()
-        opt_g.step()
-        opt_d.step()
+        self.step()
         return logs
 
     # --- self-training rounds ---------------------------------------------------------------

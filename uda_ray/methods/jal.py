@@ -203,13 +203,10 @@ class JAL(Method):
         return self.wtms[lv].decode(self.model.heads[lv], feat.detach() if detach else feat, detach_decoder=detach)
 
     def train_step(self, src, tgt, step):
-        opts = [so.optimizer for so in self.optimizers().values()]
-        for o in opts:
-            o.zero_grad(set_to_none=True)
+        self.zero_grad()
         logs, prob_s, prob_t = self.generator_step(src, tgt)
         logs.update(self.discriminator_step(prob_s, prob_t))
-        for o in opts:
-            o.step()
+        self.step()
         return logs
 
     def _softmax(self, logits: Tensor, size) -> Tensor:

@@ -125,9 +125,7 @@ class MAT(Method):
         if self.p.proxy:
             return self._proxy_step(tgt)
         model, p = self.model, self.p
-        self.opt_g.optimizer.zero_grad(set_to_none=True)
-        if self.opt_d is not None:
-            self.opt_d.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         set_requires_grad(self.discs.values(), False)
         # 1. segmentation on source (Eq. 1)
         with bn_domain(model, "source"), self.ctx.autocast():
@@ -137,7 +135,7 @@ class MAT(Method):
         logs = {"loss/seg_src": loss_seg.detach()}
         feats_s = {lv: out_s.features[LEVELS[lv]].detach() for lv in self.levels}
         if not self.levels:
-            self.opt_g.optimizer.step()
+            self.step()
             return logs
         # 2. adversarial on target, D frozen: F makes target features look like source (Eqs. 2-3)
         lambdas = {"d1": p.lambda_adv1, "d2": p.lambda_adv2}
@@ -158,8 +156,7 @@ class MAT(Method):
                 loss_d = 0.5 * (gan_loss(d(feats_s[lv]), SOURCE, p.gan) + gan_loss(d(f_t), TARGET, p.gan))
                 loss_d.backward()
                 logs[f"loss/disc_{lv}"] = loss_d.detach()
-        self.opt_g.optimizer.step()
-        self.opt_d.optimizer.step()
+        self.step()
         return logs
 
     # --- stage 3: proxies (Eq. 5) and retraining on them -----------------------------------

@@ -168,13 +168,10 @@ class PWW(Method):
         return {"seg": self.opt_g, "disc": self.opt_d}
 
     def train_step(self, src, tgt, step):
-        opt_g, opt_d = self.opt_g.optimizer, self.opt_d.optimizer
-        opt_g.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)
+        self.zero_grad()
         logs, saved = self.generator_step(src, tgt)
         logs.update(self.discriminator_step(**saved))
-        opt_g.step()
-        opt_d.step()
+        self.step()
         return logs
 
     def weight_map(self, prob_t_main: Tensor, dis_logit_t: Tensor | None) -> tuple[Tensor | None, dict]:
