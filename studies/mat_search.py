@@ -2,7 +2,7 @@
 multi-adversarial stage and over the proxy proportions (p1, p2), each best re-run over 3
 seeds next to the paper's defaults, on the embedded benchmark at ``study-cpu``.
 
-    uda-ray study studies/mat_search.py                 # about 20 minutes on 2 CPU cores
+    uda-ray study studies/mat_search.py                 # about 15 minutes on 2 CPU cores (measured)
     uda-ray study studies/mat_search.py --smoke-test    # 2 iterations, 1 seed, 2 trials per search
 
 Rows:

@@ -1,6 +1,6 @@
 """MAT Table 4 (the p1 x p2 grid of the proxy selection) on the embedded benchmark, 3 seeds.
 
-    uda-ray study studies/mat_table4.py                 # about 20 minutes on 2 CPU cores
+    uda-ray study studies/mat_table4.py                 # about 32 minutes on 2 CPU cores (measured)
     uda-ray study studies/mat_table4.py --smoke-test
 
 Every grid row re-runs only the proxy stage (proxies of Eq. 5 from the same ``mul_adv``
