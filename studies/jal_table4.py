@@ -16,6 +16,7 @@ runs 150 iterations; the method is ``jal`` with its three switches):
     t4_4_jal_wtm2  4         x        -             x              36.1 / 42.7
     t4_5_jal_wtm1  5         x        x             -              36.4 / 42.9
     t4_6_jal_wtm   6         x        x             x              38.5 / 43.5
+    control_lambda0  (control: t4_1_baseline with lambda_adv1 = lambda_adv2 = 0)
 
 (paper numbers: GTA5 -> Cityscapes, DeepLab-v2, mIoU %; Δ in our table is against
 ``t4_1_baseline``, the row Table 4 compares with.)
@@ -63,6 +64,12 @@ STUDY = Study(
         *(Row(name, "jal", init_from="source_only",
               set={**ADAPT, "jal.jal": jal, "jal.wtm_dec1": wtm1, "jal.wtm_dec2": wtm2})
           for name, (jal, wtm1, wtm2) in SWITCHES.items()),
+        # Control, not in the paper: the baseline with its adversarial weights at 0 (source
+        # segmentation while target batches pass through the shared BatchNorm), which
+        # separates the adversarial terms' part of the adaptation rows' gain.
+        Row("control_lambda0", "jal", init_from="source_only",
+            set={**ADAPT, "jal.jal": False, "jal.wtm_dec1": False, "jal.wtm_dec2": False,
+                 "jal.lambda_adv1": 0.0, "jal.lambda_adv2": 0.0}),
     ],
     seeds=(0, 1, 2),
     baseline="t4_1_baseline",
