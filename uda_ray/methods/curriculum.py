@@ -229,8 +229,8 @@ class Curriculum(Method):
         return linear_ramp(step, self.ramp_steps, self.p.hard_ratio_start, self.p.hard_ratio_end)
 
     def train_step(self, src, tgt, step):
-        model, p, opt = self.model, self.p, self.opt_g.optimizer
-        opt.zero_grad(set_to_none=True)
+        model, p = self.model, self.p
+        self.zero_grad()
         # 1. mix the batch: n_s source images, B - n_s target images
         batch = src["image"].shape[0]
         gamma = self.gamma(step)
@@ -279,7 +279,7 @@ class Curriculum(Method):
         sim = decoder_similarity(model.heads[DECODERS[0]], model.heads[DECODERS[1]], p.similarity)
         loss = loss_seg + p.beta * sim
         loss.backward()
-        opt.step()
+        self.step()
         for d, key in (("src", "loss/seg_src"), ("tgt", "loss/self_tgt")):  # per decoder, mean over its part
             s = sums.get(d)
             logs[key] = (0.5 * (s[0][0] + s[1][0]) / s[0][1].clamp_min(1e-6)).detach() if s else zero

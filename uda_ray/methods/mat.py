@@ -203,13 +203,12 @@ class MAT(Method):
         return score
 
     def _proxy_step(self, tgt):
-        opt = self.opt_g.optimizer
-        opt.zero_grad(set_to_none=True)
+        self.zero_grad()
         with bn_domain(self.model, "target"), self.ctx.autocast():
             out = self.model(tgt["image"])
         loss = seg_loss(out.logits["main"], tgt["label"])
         loss.backward()
-        opt.step()
+        self.step()
         return {"loss/seg_proxy": loss.detach()}
 
     # --- stage 4: multi-scale inference ---------------------------------------------------
