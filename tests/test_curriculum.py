@@ -16,7 +16,7 @@ from trees import random_batches, tiny_cfg
 from uda_ray.config import ConfigError
 from uda_ray.data.labels import IGNORE
 from uda_ray.engine import Context, build_segmenter, fit
-from uda_ray.methods import METHODS
+from uda_ray.config import METHODS
 from uda_ray.methods.curriculum import (
     PAPER_WEIGHTED_CLASSES,
     class_weights,

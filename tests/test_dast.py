@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from trees import study_switches, tiny_cfg
-from uda_ray.engine import Context, build_segmenter, checkpoint_path, fit, load_checkpoint_file
+from uda_ray.checkpoint import checkpoint_path, load_checkpoint_file
+from uda_ray.engine import Context, build_segmenter, fit
 from uda_ray.losses import SOURCE, gan_loss
 from uda_ray.proxy import is_complete
 

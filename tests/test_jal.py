@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from trees import random_batches, tiny_cfg
-from uda_ray.engine import Context, build_segmenter, checkpoint_path, fit
+from uda_ray.checkpoint import load_checkpoint_file
+from uda_ray.engine import Context, build_segmenter, fit
 from uda_ray.losses import SOURCE, TARGET, gan_loss, upsample
-from uda_ray.methods import METHODS
+from uda_ray.config import METHODS
 from uda_ray.methods.jal import WeightTransfer, joint_adversarial_loss
 from uda_ray.study import load_study
 
@@ -214,7 +215,7 @@ def test_fit_every_switch_combination(data_root, tmp_path, jal, wtm1, wtm2, wtm_
                                                   "jal.wtm_lr": 0.1})
     result = fit(cfg)
     assert math.isfinite(result.scores.miou)
-    state = torch.load(checkpoint_path(result.run_dir), weights_only=False)
+    state = load_checkpoint_file(result.run_dir)
     assert ("wtm" in state["modules"]) == (wtm1 or wtm2) and ("wtm" in state["optimizers"]) == (wtm1 or wtm2)
     for lv, on in (("aux", wtm1), ("main", wtm2)):
         key = f"{lv}.weight"

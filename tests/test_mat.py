@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trees import study_switches, tiny_cfg
-from uda_ray.engine import checkpoint_path, fit, load_checkpoint_file
+from uda_ray.checkpoint import checkpoint_path, load_checkpoint_file
+from uda_ray.engine import fit
 from uda_ray.models import PooledDiscriminator, build_model
 from uda_ray.proxy import is_complete
 
@@ -24,11 +25,11 @@ def test_mat_model_shapes_and_discriminators_at_one_32nd():
     assert [c.dilation for c in m.heads["main"].branches] == [(1, 1), (2, 2), (4, 4), (8, 8)]
 
 
-def _stage(data_root, tmp_path, name, method="mat", **values):
+def _stage(data_root, tmp_path, name, method="mat", stop_at=0, **values):
     base = {"model.arch": "mat_tiny", "run.iterations": 2, "run.name": name, "mat.ndf": 8}
     if method != "mat":
         base.pop("mat.ndf")
-    return fit(tiny_cfg(data_root, tmp_path, method, **{**base, **values}))
+    return fit(tiny_cfg(data_root, tmp_path, method, **{**base, **values}), stop_at=stop_at)
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +98,11 @@ def test_adversarial_confidence_is_the_mean_source_probability(data_root, tmp_pa
 def test_proxy_stage_resumes_without_regenerating_or_reinitialising(data_root, tmp_path):
     src = _stage(data_root, tmp_path, "src", "source_only")
     adapted = _stage(data_root, tmp_path, "adapt", **{"run.init_from": str(src.run_dir)})
-    common = {"mat.proxy": True, "run.init_from": str(adapted.run_dir), "run.schedule_iterations": 4}
-    whole = _stage(data_root, tmp_path, "whole", **{**common, "run.iterations": 4})
-    _stage(data_root, tmp_path, "halves", **{**common, "run.iterations": 2})
+    common = {"mat.proxy": True, "run.init_from": str(adapted.run_dir), "run.iterations": 4}
+    whole = _stage(data_root, tmp_path, "whole", **common)
+    _stage(data_root, tmp_path, "halves", stop_at=2, **common)  # as if killed after step 2
     stamp = (tmp_path / "runs" / "halves" / "proxies" / "DONE").stat().st_mtime_ns
-    halves = _stage(data_root, tmp_path, "halves", **{**common, "run.iterations": 4})
+    halves = _stage(data_root, tmp_path, "halves", **common)
     assert (halves.run_dir / "proxies" / "DONE").stat().st_mtime_ns == stamp  # not regenerated
     a = load_checkpoint_file(checkpoint_path(whole.run_dir))["modules"]["model"]
     b = load_checkpoint_file(checkpoint_path(halves.run_dir))["modules"]["model"]

@@ -11,9 +11,10 @@ import torch
 
 from trees import random_batches, tiny_cfg
 from uda_ray.config import ConfigError, build_config
-from uda_ray.engine import Context, build_segmenter, checkpoint_path, fit
+from uda_ray.checkpoint import load_checkpoint_file
+from uda_ray.engine import Context, build_segmenter, fit
 from uda_ray.losses import SOURCE, TARGET, upsample
-from uda_ray.methods import METHODS
+from uda_ray.config import METHODS
 from uda_ray.methods.pww import dis_logits, generation_confidence, pixel_weight, weighted_bce
 from uda_ray.models import FeatureDiscriminator
 
@@ -209,7 +210,7 @@ def test_two_iteration_smoke(data_root, tmp_path, values):
     result = fit(tiny_cfg(data_root, tmp_path, "pww", **{"run.iterations": 2, **values}))
     assert result.step == 2 and 0.0 <= result.scores.miou <= 1.0
     assert (result.run_dir / "mosaic.png").is_file()
-    modules = torch.load(checkpoint_path(result.run_dir), weights_only=False)["modules"]
+    modules = load_checkpoint_file(result.run_dir)["modules"]
     assert ("d_feat" in modules) == values.get("pww.dismap", True)
     assert ("d_aux" in modules) == values.get("pww.multi_level", False)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trees import tiny_cfg
-from uda_ray.engine import checkpoint_path, fit
+from uda_ray.checkpoint import checkpoint_path, load_checkpoint_file
+from uda_ray.engine import fit
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -30,7 +31,7 @@ def cluster():
 
 
 def _model_state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["modules"]
+    return load_checkpoint_file(path)["modules"]
 
 
 def test_two_workers_take_the_step_of_one_worker_with_the_doubled_batch(cluster, data_root, tmp_path):

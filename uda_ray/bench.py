@@ -28,8 +28,8 @@ def _batch(n: int, w: int, h: int, num_classes: int, device, *, labels: bool, ch
 
 
 def bench_step(cfg: Config, *, warmup: int = 5, iters: int = 20) -> dict:
+    from .config import METHODS
     from .engine import Context, build_segmenter, resolve_device
-    from .methods import METHODS
 
     device = resolve_device(cfg.run.device)
     is_cuda = device.type == "cuda"

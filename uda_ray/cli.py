@@ -69,7 +69,7 @@ def _cmd_train(args) -> int:
         tracker = MlflowTracker(experiment=args.experiment, run_name=cfg.run_name, tracking_uri=args.tracking_uri)
     status = "FAILED"
     try:
-        result = fit(cfg, run_dir=run_dir, tracker=tracker, progress=not args.quiet)
+        result = fit(cfg, run_dir=run_dir, tracker=tracker, progress=not args.quiet, overwrite=args.overwrite)
         status = "FINISHED"
     finally:
         if tracker is not None:
@@ -86,13 +86,16 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .config import build_config
-    from .engine import Context, build_datasets, build_segmenter, evaluate, load_checkpoint_file, resolve_device
-    from .methods import METHODS
+    from .checkpoint import load_checkpoint_file
+    from .config import METHODS, build_config
+    from .engine import Context, build_segmenter, build_val_dataset, evaluate, resolve_device
 
     state = load_checkpoint_file(args.checkpoint)
     values = dict(state["config"])
-    values.update({"run.init_from": "", "run.device": args.device, "run.max_val_images": args.max_images})
+    # The checkpoint is the model's starting point: a method that needs an init_from
+    # checkpoint to be built (AdaBN, a MAT or DAST later stage) finds its modules there.
+    values.update({"run.init_from": str(args.checkpoint), "run.device": args.device,
+                   "run.max_val_images": args.max_images})
     if args.data_root:
         values["data.root"] = args.data_root
     if args.split:
@@ -103,9 +106,10 @@ def _cmd_eval(args) -> int:
     method = METHODS[cfg.method](cfg, build_segmenter(cfg, device), ctx)
     for k, m in method.modules().items():
         m.load_state_dict(state["modules"][k])
-    scores, _, _ = evaluate(method, build_datasets(cfg)["val"], ctx, max_images=cfg.run.max_val_images,
+    scores, _, _ = evaluate(method, build_val_dataset(cfg), ctx, max_images=cfg.run.max_val_images,
                             progress=True)
-    print(f"{args.checkpoint}: {cfg.data.target} {cfg.data.val_split}, {cfg.data.num_classes}-class protocol")
+    print(f"{args.checkpoint}: {cfg.method} at step {state['step']}, {cfg.data.target} {cfg.data.val_split}, "
+          f"{cfg.data.num_classes}-class protocol")
     print(scores.format_table())
     return 0
 
@@ -199,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--experiment", default="uda-ray", help="MLflow experiment")
     t.add_argument("--no-mlflow", action="store_true", help="do not track this run")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true",
+                   help="remove the checkpoint and files of an earlier run in the run directory first "
+                        "(otherwise a run directory resumes only a checkpoint of the same config)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the target val split with the protocol of its label space")

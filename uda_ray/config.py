@@ -8,7 +8,8 @@ naming the key.
 
 Sections: ``run``, ``data``, ``model``, ``optim`` (shared by all methods) and the section of
 the active method only (``method: adaptseg`` brings ``adaptseg.*``). A method declares its
-section with :func:`register_method_config`.
+section as its class's ``config`` dataclass of :func:`~uda_ray.knobs.knob` fields; the
+registry :data:`METHODS` is filled here, where configs are built.
 """
 
 from __future__ import annotations
@@ -20,16 +21,10 @@ from typing import Any
 
 import yaml
 
+from .knobs import ConfigError, knob
+from .methods import (AdaBN, AdaptSeg, Curriculum, DAST, JAL, MAT, PWW, Method, SourceOnly)
 
-class ConfigError(ValueError):
-    """A config key that does not exist, or a value of the wrong type or out of range."""
 
-
-def knob(default, help: str, *, lo=None, hi=None, choices=None, lo_open=False):
-    """A config field: default, one-line help, and its allowed range (``lo <= v <= hi``,
-    ``lo < v`` with ``lo_open``) or choices."""
-    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices,
-                                            "lo_open": lo_open})
 
 
 @dataclass
@@ -109,20 +104,10 @@ class OptimConfig:
 
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig}
-METHOD_CONFIGS: dict[str, type] = {}
 
-
-def register_method_config(name: str, cls: type | None = None):
-    """Declare a method's config section (a dataclass of :func:`knob` fields); usable as a
-    class decorator: ``@register_method_config("adaptseg")``."""
-
-    def deco(c):
-        if not dataclasses.is_dataclass(c):
-            raise TypeError(f"{c} must be a dataclass")
-        METHOD_CONFIGS[name] = c
-        return c
-
-    return deco(cls) if cls is not None else deco
+# The one method registry: name -> Method class, whose ``config`` is its section's dataclass.
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SourceOnly, AdaBN, AdaptSeg, MAT, DAST, JAL, PWW,
+                                                        Curriculum)}
 
 
 @dataclass
@@ -159,10 +144,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.flat(), sort_keys=False)
-
-
-def _methods_loaded() -> None:
-    from . import methods  # noqa: F401  (registers every method's config section)
 
 
 def _coerce(key: str, f: dataclasses.Field, value):
@@ -221,7 +202,6 @@ def build_config(values: dict[str, Any] | None = None, *, method: str | None = N
     Precedence: defaults < preset < values. ``method`` may be given as an argument or as
     the ``method`` key; ``preset`` likewise.
     """
-    _methods_loaded()
     values = flatten(dict(values or {}))
     preset = values.pop("preset", None) or preset
     merged: dict[str, Any] = {}
@@ -232,15 +212,15 @@ def build_config(values: dict[str, Any] | None = None, *, method: str | None = N
     merged.update(values)
     method = merged.pop("method", None) or method
     if method is None:
-        raise ConfigError("method: no method given; expected one of " + str(sorted(METHOD_CONFIGS)))
-    if method not in METHOD_CONFIGS:
-        raise ConfigError(f"method: unknown method {method!r}; expected one of {sorted(METHOD_CONFIGS)}")
-    cfg = Config(method=method, params=METHOD_CONFIGS[method]())
+        raise ConfigError("method: no method given; expected one of " + str(sorted(METHODS)))
+    if method not in METHODS:
+        raise ConfigError(f"method: unknown method {method!r}; expected one of {sorted(METHODS)}")
+    cfg = Config(method=method, params=METHODS[method].config())
     for key, value in merged.items():
         sec_name, dot, attr = key.partition(".")
         if not dot:
             raise ConfigError(f"{key}: unknown key (keys are dotted, e.g. run.seed)")
-        if sec_name in METHOD_CONFIGS and sec_name != method and sec_name not in SECTIONS:
+        if sec_name in METHODS and sec_name != method and sec_name not in SECTIONS:
             if key not in values:
                 continue  # a preset's setting for another method than the active one
             raise ConfigError(f"{key}: belongs to method {sec_name!r}, but the method is {method!r}")

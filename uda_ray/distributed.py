@@ -43,7 +43,8 @@ def train_worker(config: dict) -> None:
     import torch
 
     from .config import build_config
-    from .engine import CHECKPOINT_FILE, fit
+    from .checkpoint import load_checkpoint_file
+    from .engine import fit
     from .tracking import MlflowTracker
 
     ctx = ray.train.get_context()
@@ -60,7 +61,7 @@ def train_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            resume = load_checkpoint_file(d)
 
     tracker = None
     m = config.get("mlflow")

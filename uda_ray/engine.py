@@ -13,7 +13,6 @@ non-finite guard looks at them; bf16 autocast and channels_last apply on CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -25,48 +24,19 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from .config import Config, ConfigError
+from .checkpoint import (checkpoint_path, claim_run_dir, load_checkpoint_file, mark_diverged, restore_checkpoint,
+                         save_checkpoint)
+from .config import METHODS, Config, ConfigError
+from .context import Context
 from .data import JointTransform, PairedBatches, build_dataset, eval_loader, train_loader
-from .data.labels import train_palette
 from .evaluation import ConfusionMatrix, Scores, summarize, upsample_logits
-from .models import build_model
-from .models.batchnorm import set_bn_mode
+from .models import build_segmenter
+from .mosaic import mosaic_png
 
 
 class NonFiniteLoss(RuntimeError):
     """A loss became NaN or infinite: the run stops rather than train on garbage."""
-
-
-@dataclass
-class Context:
-    """What a method needs from the engine: the device and the numeric settings."""
-
-    cfg: Config
-    device: torch.device
-    amp: bool
-    channels_last: bool
-    rank: int = 0
-    world_size: int = 1
-    target_batches_per_epoch: int = 1
-    run_dir: Path | None = None  # where a method writes its files (e.g. proxy labels)
-    tracker: object = None  # rank 0's tracker (a NullTracker elsewhere), for a method's own reports
-
-    def autocast(self):
-        if self.amp:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def to_device(self, batch: dict | None) -> dict | None:
-        if batch is None:
-            return None
-        out = dict(batch)
-        img = batch["image"].to(self.device, non_blocking=True)
-        out["image"] = img.contiguous(memory_format=torch.channels_last) if self.channels_last else img
-        if "label" in batch:
-            out["label"] = batch["label"].to(self.device, non_blocking=True)
-        return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,88 +125,20 @@ def build_datasets(cfg: Config) -> dict:
     else:
         out["target_eval"] = tgt.subset(range(len(tgt)), transform=tgt_eval_t)
     out["target"] = tgt
-    out["val"] = build_dataset(d.target, _dir(cfg, "target"), split=d.val_split, num_classes=d.num_classes,
-                               transform=tgt_eval_t)
+    out["val"] = build_val_dataset(cfg)
     return out
 
 
-def build_segmenter(cfg: Config, device: torch.device) -> nn.Module:
-    m = cfg.model
-    kw = {"multi_level": m.multi_level} if m.arch in ("deeplabv2_r101", "tiny") else {}
-    if m.arch in ("r18_ppm", "tiny_ppm"):
-        try:
-            bins = tuple(int(b) for b in m.ppm_bins.split(","))
-        except ValueError:
-            bins = ()
-        if not bins or min(bins) < 1:
-            raise ConfigError(f"model.ppm_bins: expected comma-separated positive integers, got {m.ppm_bins!r}")
-        kw = {"num_decoders": m.num_decoders, "bins": bins}
-    elif m.num_decoders != 1:
-        raise ConfigError(f"model.num_decoders: only r18_ppm and tiny_ppm have several decoders "
-                          f"(model.arch={m.arch}); got {m.num_decoders}")
-    model = build_model(m.arch, num_classes=cfg.data.num_classes, pretrained=m.pretrained or None, **kw)
-    set_bn_mode(model, m.bn)
-    if cfg.run.init_from:
-        state = load_checkpoint_file(cfg.run.init_from)
-        model.load_state_dict(state["modules"]["model"])
-    return model.to(device)
+def build_val_dataset(cfg: Config):
+    """The reported split (``data.val_split`` of the target) at the evaluation size: all that
+    ``uda-ray eval`` reads, so evaluating needs neither the source nor the target train split."""
+    d = cfg.data
+    return build_dataset(d.target, _dir(cfg, "target"), split=d.val_split, num_classes=d.num_classes,
+                         transform=JointTransform(size=(d.target_w, d.target_h), norm=d.norm, resize_label=False))
 
 
 def poly_lr(base: float, step: int, horizon: int, power: float) -> float:
     return base * (1 - min(step, horizon) / horizon) ** power if horizon > 0 else base
-
-
-# --- checkpoints -----------------------------------------------------------------------------
-
-CHECKPOINT_FILE = "last.pt"
-
-
-def checkpoint_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / CHECKPOINT_FILE
-
-
-def load_checkpoint_file(path: str | Path) -> dict:
-    """A checkpoint by file or run directory (its ``checkpoints/last.pt``)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT_FILE if (p / CHECKPOINT_FILE).is_file() else checkpoint_path(p)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: checkpoint not found")
-    return torch.load(p, map_location="cpu", weights_only=False)
-
-
-def save_checkpoint(path: Path, method, step: int, cfg: Config, extra: dict | None = None) -> Path:
-    """Everything needed to resume: every module and optimizer, the step (which fixes the
-    data position: the samplers are functions of the step), and the RNG states. Written to a
-    temporary file and renamed, so a kill mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "config": cfg.flat(),
-        "modules": {k: m.state_dict() for k, m in method.modules().items()},
-        "optimizers": {k: o.optimizer.state_dict() for k, o in method.optimizers().items()},
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        "extra": extra or {},
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def restore_checkpoint(state: dict, method) -> int:
-    for k, m in method.modules().items():
-        m.load_state_dict(state["modules"][k])
-    for k, o in method.optimizers().items():
-        o.optimizer.load_state_dict(state["optimizers"][k])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(state["step"])
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -345,30 +247,6 @@ def sync_buffers(method, world: int) -> None:
                 buf.data /= world
 
 
-def mosaic_png(triplets, path: Path, *, norm: str, num_classes: int) -> Path:
-    """image | label | prediction [| the method's extra maps, greyscale], one row per val
-    image, as a PNG."""
-    from PIL import Image
-
-    from .data.transforms import denormalise
-
-    pal = train_palette(num_classes)
-    rows = []
-    for img, lab, pred, *extra in triplets:
-        h, w = lab.shape
-        rgb = Image.fromarray(denormalise(img, norm).permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
-        lab_c = pal[np.where(lab.numpy() == 255, num_classes, lab.numpy())]
-        pred_c = pal[pred.numpy()]
-        cols = [np.asarray(rgb), lab_c, pred_c]
-        for m in (extra[0] if extra else {}).values():
-            grey = Image.fromarray((m.numpy() * 255).round().astype(np.uint8)).resize((w, h), Image.BILINEAR)
-            cols.append(np.repeat(np.asarray(grey)[..., None], 3, axis=2))
-        rows.append(np.concatenate(cols, axis=1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
-    return path
-
-
 # --- the loop ---------------------------------------------------------------------------------
 
 @dataclass
@@ -391,20 +269,48 @@ class NullTracker:
 
 
 def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progress: bool = False,
-        on_checkpoint: Callable[[Path, dict], None] | None = None, resume_from: dict | None = None) -> RunResult:
+        on_checkpoint: Callable[[Path, dict], None] | None = None, resume_from: dict | None = None,
+        overwrite: bool = False, stop_at: int = 0) -> RunResult:
     """Train (or, for methods that do not train, prepare) and evaluate one config.
 
     Args:
         cfg: the validated config.
         run_dir: where checkpoints and artifacts go (default ``run.out/<run name>``); an
-            existing ``checkpoints/last.pt`` there is resumed.
+            existing ``checkpoints/last.pt`` there is resumed if it is of the same config.
         tracker: receives params, tags, metrics and artifacts (rank 0 only).
         on_checkpoint: called with (checkpoint path, metrics) after each checkpoint (Ray
             Train reports through it).
         resume_from: a loaded checkpoint to resume instead of ``run_dir``'s.
-    """
-    from .methods import METHODS
+        overwrite: remove an earlier run's checkpoint and files from ``run_dir`` first.
+        stop_at: stop after this step with a checkpoint, as a killed run would (0 = run to
+            the end): a time-boxed job, or a test that resumes the same config. The result
+            then has no scores.
 
+    Raises:
+        CheckpointError: ``run_dir`` is in use by another process, holds a checkpoint of
+            another config, or holds a run that diverged
+            (:func:`~uda_ray.checkpoint.claim_run_dir`).
+        NonFiniteLoss: a loss became NaN or infinite; ``run_dir`` is then marked diverged
+            and is never resumed.
+    """
+    rank, _ = dist_info()
+    run_dir = Path(run_dir or Path(cfg.run.out) / cfg.run_name)
+    lock = None
+    if rank == 0:  # the one process that writes the run directory owns it
+        lock, resume_from = claim_run_dir(run_dir, cfg, overwrite=overwrite, resume_state=resume_from)
+    try:
+        return _fit(cfg, run_dir, tracker, progress, on_checkpoint, resume_from, stop_at)
+    except NonFiniteLoss as e:
+        if rank == 0:
+            mark_diverged(run_dir, str(e))
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, resume_from: dict | None,
+         stop_at: int) -> RunResult:
     t_start = time.perf_counter()
     rank, world = dist_info()
     device = resolve_device(cfg.run.device)
@@ -415,9 +321,7 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     tracker = tracker if (tracker is not None and rank == 0) else NullTracker()
-    run_dir = Path(run_dir or Path(cfg.run.out) / cfg.run_name)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     seed_everything(cfg.run.seed)
@@ -461,6 +365,7 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
 
     metrics: dict = {}
     scores = None
+    halt = min(iters, stop_at) if stop_at else iters
     if iters > start:
         bar = None
         if progress and rank == 0:
@@ -473,6 +378,8 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
         for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             if start >= b:
                 continue
+            if a >= halt:
+                break
             s = max(start, a)
             tgt_set = method.begin_phase(k, s, data) or data["target"]
             pairs = PairedBatches(
@@ -482,10 +389,12 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
                 train_loader(tgt_set, batch_size=bs, seed=cfg.run.seed * 2 + 1, start=s * bs * world,
                              rank=rank, world_size=world, num_workers=nw, pin_memory=pin)
                 if method.needs_target else None)
-            scores, metrics = _loop(cfg, method, ctx, pairs, data, s, b, iters, horizon, run_dir, tracker,
-                                    bar, on_checkpoint)
+            scores, metrics = _loop(cfg, method, ctx, pairs, data, s, min(b, halt), iters, horizon, run_dir,
+                                    tracker, bar, on_checkpoint)
         if bar is not None:
             bar.close()
+        if halt < iters:  # stopped early on request: resumable, not evaluated
+            return RunResult(run_dir, halt, None, {}, time.perf_counter() - t_start)
     if scores is None:  # nothing trained here (a method that does not train, or a finished run)
         metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=cfg.run.mosaic_images)
         tracker.log_metrics(metrics, step=max(iters, start))
@@ -539,8 +448,8 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
             if bad:
                 raise NonFiniteLoss(
                     f"{', '.join(bad)} became non-finite between steps {done - count + 1} and {done} of "
-                    f"{cfg.run_name} ({means}); the last checkpoint is {checkpoint_path(run_dir)}. "
-                    f"Lower the learning rate or the loss weights, or check the data.")
+                    f"{cfg.run_name} ({means}); the run is marked diverged and is not resumed. Lower the "
+                    f"learning rate or the loss weights, or check the data, and start anew.")
             dt = time.perf_counter() - t_log
             means["perf/sec_per_iter"] = dt / count
             if "seg" in method.optimizers():
@@ -557,7 +466,7 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
             tracker.log_metrics(metrics, step=done)
             if last:
                 _final_reports(cfg, method, scores, triplets, run_dir, tracker)
-        if last or (run.checkpoint_every and done % run.checkpoint_every == 0):
+        if last or done == stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
             if ctx.world_size > 1 and not do_eval:
                 sync_buffers(method, ctx.world_size)
             if ctx.rank == 0:

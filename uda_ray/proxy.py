@@ -463,7 +463,7 @@ def generate_for_run(ctx, data: dict, score_fn: ScoreFn, policy: ProxyPolicy, ou
                       f"(near-constant confidences, e.g. an untrained model)", stacklevel=2)
     if ctx.rank == 0 and ctx.tracker is not None:
         from .data.labels import class_names
-        from .engine import mosaic_png
+        from .mosaic import mosaic_png
 
         ctx.tracker.log_metrics({**stats.metrics(class_names(cfg.data.num_classes)),
                                  "proxy/requested_frac": policy.requested()}, step=step)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .checkpoint import config_hash
 from .config import build_config
 
 
@@ -145,11 +146,6 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(study, Study):
         raise ValueError(f"{path}: expected a module-level STUDY = Study(...)")
     return study
-
-
-def config_hash(flat: dict) -> str:
-    keep = {k: v for k, v in flat.items() if k not in ("run.init_from", "run.out", "run.name")}
-    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # --- MLflow bookkeeping (driver side) -------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The methods. Each is one small module composing shared parts; importing this package
-registers every method's config section."""
+"""The methods. Each is one small module composing shared parts, its config section the
+class's ``config`` dataclass; the registry of them is :data:`uda_ray.config.METHODS`."""
 
 from .adabn import AdaBN
 from .adaptseg import AdaptSeg
@@ -11,7 +11,5 @@ from .mat import MAT
 from .pww import PWW
 from .source_only import SourceOnly
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SourceOnly, AdaBN, AdaptSeg, MAT, DAST, JAL, PWW, Curriculum)}
-
-__all__ = ["METHODS", "Method", "ScheduledOptimizer", "AdaBN", "AdaptSeg", "SourceOnly", "MAT", "DAST", "JAL", "PWW",
+__all__ = ["Method", "ScheduledOptimizer", "AdaBN", "AdaptSeg", "SourceOnly", "MAT", "DAST", "JAL", "PWW",
            "Curriculum"]

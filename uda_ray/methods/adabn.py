@@ -7,12 +7,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..config import ConfigError, knob, register_method_config
+from ..knobs import ConfigError, knob
 from ..models.batchnorm import reestimate_bn
 from .base import Method
 
 
-@register_method_config("adabn")
 @dataclass
 class AdaBNConfig:
     batches: int = knob(0, "target batches for the re-estimation (0 = one pass over the target train set)", lo=0)
@@ -20,6 +19,7 @@ class AdaBNConfig:
 
 class AdaBN(Method):
     name = "adabn"
+    config = AdaBNConfig
     trains = False
 
     def __init__(self, cfg, model, ctx):

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from ..config import ConfigError, knob, register_method_config
+from ..knobs import ConfigError, knob
 from ..losses import GAN_KINDS, SOURCE, TARGET, full, gan_loss, seg_loss, upsample
 from ..models import PatchDiscriminator
 from ..models.batchnorm import bn_domain
 from .base import Method, discriminator_optimizer, set_requires_grad
 
 
-@register_method_config("adaptseg")
 @dataclass
 class AdaptSegConfig:
     multi_level: bool = knob(True, "adapt the auxiliary (layer3) output too (needs model.multi_level)")
@@ -36,6 +35,7 @@ class AdaptSegConfig:
 
 class AdaptSeg(Method):
     name = "adaptseg"
+    config = AdaptSegConfig
 
     def __init__(self, cfg, model, ctx):
         super().__init__(cfg, model, ctx)

@@ -17,7 +17,7 @@ from ..models.batchnorm import bn_domain
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..engine import Context
+    from ..context import Context
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    config: ClassVar[type]  # the method's config section: a dataclass of knob fields
     needs_target: ClassVar[bool] = True  # reads unlabelled target batches while training
     needs_source: ClassVar[bool] = True  # reads labelled source batches while training
     trains: ClassVar[bool] = True  # False: no optimisation steps (e.g. AdaBN)
@@ -79,8 +80,8 @@ class Method:
         one is an error naming the checkpoint and the module."""
         if not self.cfg.run.init_from or not modules:
             return []
-        from ..config import ConfigError
-        from ..engine import load_checkpoint_file
+        from ..checkpoint import load_checkpoint_file
+        from ..knobs import ConfigError
 
         path = self.cfg.run.init_from
         state = load_checkpoint_file(path)["modules"]

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, knob, register_method_config
+from ..knobs import ConfigError, knob
 from ..data.labels import IGNORE, class_names
 from ..losses import full, upsample
 from ..models.batchnorm import bn_domain
@@ -80,7 +80,6 @@ PAPER_WEIGHTED_CLASSES = "wall,fence,pole,traffic light,traffic sign,rider"
 SIMILARITIES = ("cosine", "abs_cosine", "dot")
 
 
-@register_method_config("curriculum")
 @dataclass
 class CurriculumConfig:
     weighted_loss: bool = knob(True, "class-weighted loss: curriculum.weighted_classes at class_weight (paper: on)")
@@ -207,6 +206,7 @@ def weighted_ce(logits: Tensor, label: Tensor, lam: Tensor) -> tuple[Tensor, Ten
 
 class Curriculum(Method):
     name = "curriculum"
+    config = CurriculumConfig
 
     def __init__(self, cfg, model, ctx):
         super().__init__(cfg, model, ctx)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, knob, register_method_config
+from ..knobs import ConfigError, knob
 from ..losses import SOURCE, TARGET, full, gan_loss, seg_loss, upsample
 from ..models import FeatureDiscriminator, PatchDiscriminator
 from ..models.batchnorm import bn_domain
@@ -52,7 +52,6 @@ from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run, log_softmax_at
 from .base import Method, discriminator_optimizer, set_requires_grad
 
 
-@register_method_config("dast")
 @dataclass
 class DASTConfig:
     mse: bool = knob(True, "least-squares adversarial losses (Table 3 '+MSE'); false: BCE (the baseline)")
@@ -74,6 +73,7 @@ class DASTConfig:
 
 class DAST(Method):
     name = "dast"
+    config = DASTConfig
 
     def __init__(self, cfg, model, ctx):
         super().__init__(cfg, model, ctx)

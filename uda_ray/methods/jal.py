@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..config import ConfigError, knob, register_method_config
+from ..knobs import ConfigError, knob
 from ..losses import GAN_KINDS, SOURCE, TARGET, full, gan_loss, seg_loss, upsample
 from ..models import PatchDiscriminator
 from ..models.batchnorm import bn_domain
@@ -75,7 +75,6 @@ WTM_GRADS = ("segmenter", "wtm")
 LEVELS = {1: "aux", 2: "main"}  # the paper's level i -> the segmenter's logits head
 
 
-@register_method_config("jal")
 @dataclass
 class JALConfig:
     jal: bool = knob(True, "joint adversarial learning: D1 also judges the high-level target map (Eq. 5)")
@@ -162,6 +161,7 @@ def joint_adversarial_loss(d_low: nn.Module, prob_high: Tensor, kind: str = "van
 
 class JAL(Method):
     name = "jal"
+    config = JALConfig
 
     def __init__(self, cfg, model, ctx):
         super().__init__(cfg, model, ctx)

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, knob, register_method_config
-from ..engine import build_segmenter, load_checkpoint_file
+from ..knobs import ConfigError, knob
+from ..checkpoint import load_checkpoint_file
+from ..models import build_segmenter
 from ..losses import GAN_KINDS, SOURCE, TARGET, gan_loss, seg_loss, upsample
 from ..models import PooledDiscriminator
 from ..models.batchnorm import bn_domain
@@ -51,7 +52,6 @@ from ..proxy import ProxyLabelled, ProxyPolicy, adversarial_confidence_logit, ge
 from .base import Method, ScheduledOptimizer, set_requires_grad
 
 
-@register_method_config("mat")
 @dataclass
 class MATConfig:
     adv: bool = knob(True, "adversarial training with D1 on the final features F(x) (Table 3 'Adv')")
@@ -81,6 +81,7 @@ LEVELS = {"d1": "decoder", "d2": "layer3"}
 
 class MAT(Method):
     name = "mat"
+    config = MATConfig
 
     def __init__(self, cfg, model, ctx):
         super().__init__(cfg, model, ctx)

@@ -60,14 +60,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ConfigError, knob, register_method_config
+from ..knobs import ConfigError, knob
 from ..losses import SOURCE, TARGET, full, seg_loss, upsample
 from ..models import FeatureDiscriminator, PatchDiscriminator
 from ..models.batchnorm import bn_domain
 from .base import Method, discriminator_optimizer, set_requires_grad
 
 
-@register_method_config("pww")
 @dataclass
 class PWWConfig:
     genmap: bool = knob(True, "weight the target adversarial term by (d + mu), Eqs. 3-4 (paper: on)")
@@ -140,6 +139,7 @@ def dis_logits(d_aux: FeatureDiscriminator, feat: Tensor, size: tuple[int, int])
 
 class PWW(Method):
     name = "pww"
+    config = PWWConfig
 
     def __init__(self, cfg, model, ctx):
         super().__init__(cfg, model, ctx)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import knob, register_method_config
+from ..knobs import knob
 from ..losses import seg_loss
 from ..models.batchnorm import bn_domain
 from .base import Method
 
 
-@register_method_config("source_only")
 @dataclass
 class SourceOnlyConfig:
     lambda_seg_aux: float = knob(0.1, "weight of the auxiliary head's segmentation loss (AdaptSegNet: 0.1)", lo=0.0)
@@ -20,6 +19,7 @@ class SourceOnlyConfig:
 
 class SourceOnly(Method):
     name = "source_only"
+    config = SourceOnlyConfig
     needs_target = False
 
     def train_step(self, src, tgt, step):

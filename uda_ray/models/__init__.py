@@ -27,6 +27,7 @@ from uda_ray.models.segmenters import (
     build_model,
 )
 from uda_ray.models.mat import MATSegmenter, mat_r101, mat_tiny
+from uda_ray.models.from_config import build_segmenter
 
 MODELS["mat_r101"] = mat_r101  # type: ignore[assignment]
 MODELS["mat_tiny"] = mat_tiny  # type: ignore[assignment]
@@ -35,6 +36,6 @@ __all__ = [
     "ASPPClassifier", "BN_MODES", "DOMAINS", "DeepLabV2ResNet101", "DeepLabV2VGG16",
     "DomainBatchNorm2d", "FeatureDiscriminator", "FrozenBatchNorm2d", "MATSegmenter", "MODELS",
     "PPMDecoder", "PatchDiscriminator", "PooledDiscriminator", "ResNet18PPM", "SegOutput", "Segmenter",
-    "TORCHVISION_FILES", "TinySeg", "bn_domain", "build_model", "get_bn_mode",
+    "TORCHVISION_FILES", "TinySeg", "bn_domain", "build_model", "build_segmenter", "get_bn_mode",
     "reestimate_bn", "set_bn_mode",
 ]

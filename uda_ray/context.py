@@ -1,0 +1,44 @@
+"""What a method needs from the engine (:class:`Context`): its own module, so that the
+methods depend on it without importing the engine."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+@dataclass
+class Context:
+    """What a method needs from the engine: the device and the numeric settings."""
+
+    cfg: Config
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    target_batches_per_epoch: int = 1
+    run_dir: Path | None = None  # where a method writes its files (e.g. proxy labels)
+    tracker: object = None  # rank 0's tracker (a NullTracker elsewhere), for a method's own reports
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, batch: dict | None) -> dict | None:
+        if batch is None:
+            return None
+        out = dict(batch)
+        img = batch["image"].to(self.device, non_blocking=True)
+        out["image"] = img.contiguous(memory_format=torch.channels_last) if self.channels_last else img
+        if "label" in batch:
+            out["label"] = batch["label"].to(self.device, non_blocking=True)
+        return out
