@@ -132,3 +132,10 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 text \(byte 0xe9 at offset 25\)"):
         load_config(p)
 
+
+def test_only_the_small_presets_generate_the_benchmark():
+    # the paper preset and the defaults point at the user's data: nothing is generated there
+    assert build_config(method="source_only").data.synth is False
+    assert build_config(method="source_only", preset="paper").data.synth is False
+    assert build_config(method="source_only", preset="tiny-cpu").data.synth is True
+    assert build_config(method="source_only", preset="study-cpu").data.synth is True

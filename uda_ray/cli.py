@@ -10,17 +10,20 @@ DEFAULT_SYNTH_ROOT = "data/synth"
 
 
 def _cmd_data_synth(args) -> int:
+    from pathlib import Path
+
     from .data import synth
 
-    print(f"generating the embedded benchmark (regime {args.regime!r}, seed {args.seed}) in {args.out} ...")
+    out = Path(args.out).resolve()
+    print(f"generating the embedded benchmark (regime {args.regime!r}, seed {args.seed}) in {out} ...")
     t0 = time.perf_counter()
     counts = {k: v for k, v in (("n_source", args.n_source), ("n_target", args.n_target),
                                 ("n_val", args.n_val)) if v is not None}  # None: the generator's default
-    summary = synth.generate(args.out, seed=args.seed, regime=args.regime, workers=args.workers,
+    summary = synth.generate(out, seed=args.seed, regime=args.regime, workers=args.workers,
                              progress=True, **counts)
     print(f"done in {time.perf_counter() - t0:.1f} s: {summary['counts']}")
-    print(f"  source (GTA5 layout):       {args.out}/gta5")
-    print(f"  target (Cityscapes layout): {args.out}/cityscapes")
+    print(f"  source (GTA5 layout):       {out / 'gta5'}")
+    print(f"  target (Cityscapes layout): {out / 'cityscapes'}")
     return 0
 
 

@@ -75,7 +75,8 @@ class RunConfig:
 @dataclass
 class DataConfig:
     root: str = knob("data/synth", "data root; dataset folders below are relative to it")
-    synth: bool = knob(True, "generate the embedded benchmark under data.root when it is missing")
+    synth: bool = knob(False, "generate the embedded benchmark under data.root when it is missing (only into "
+                              "an empty folder or one the benchmark wrote; the tiny-cpu/study-cpu presets set it)")
     synth_seed: int = knob(0, "seed of the embedded benchmark", lo=0)
     synth_regime: str = knob("default", "domain-shift regime of the embedded benchmark")
     source: str = knob("gta5", "source reader", choices=("gta5", "synthia", "cityscapes", "bdd100k"))
@@ -379,8 +380,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dast.ndf": 16, "dast.d_width": 64,
     },
     # The papers' setting: DeepLab-v2 ResNet-101, GTA5 1280x720 -> Cityscapes 1024x512.
+    # data.synth stays false: data.root holds the user's real datasets, never the benchmark.
     "paper": {
-        "data.source_w": 1280, "data.source_h": 720, "data.target_w": 1024, "data.target_h": 512,
+        "data.synth": False, "data.source_w": 1280, "data.source_h": 720, "data.target_w": 1024, "data.target_h": 512,
         "data.batch_size": 1, "model.arch": "deeplabv2_r101", "model.pretrained": "torchvision",
         "model.bn": "frozen", "optim.lr": 2.5e-4, "run.iterations": 150_000,
         "run.schedule_iterations": 250_000,

@@ -97,19 +97,28 @@ def _dir(cfg: Config, which: str) -> Path:
 
 
 def ensure_data(cfg: Config) -> None:
-    """Generate the embedded benchmark on first use when the config points at it."""
+    """Generate the embedded benchmark on first use when the config asks for it (``data.synth``,
+    set by the tiny-cpu and study-cpu presets only), at ``data.root`` made absolute. A folder
+    there that holds anything the generator did not write is refused, never written into."""
     if not cfg.data.synth:
         return
     import fcntl
 
     from .data import synth
+    from .data.io import DatasetError
 
-    root = Path(cfg.data.root)
+    root = Path(cfg.data.root).resolve()
     root.parent.mkdir(parents=True, exist_ok=True)
     # Concurrent trials on one machine: one generates, the others wait for it.
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        synth.ensure_benchmark(root, seed=cfg.data.synth_seed, regime=cfg.data.synth_regime)
+        try:
+            synth.ensure_benchmark(root, seed=cfg.data.synth_seed, regime=cfg.data.synth_regime)
+        except synth.SynthArgumentError as e:
+            raise ConfigError(f"data.synth_regime: {e}") from None
+        except DatasetError as e:
+            raise ConfigError(f"data.root: {e} (data.synth is true: set data.synth=false to use the data "
+                              "there)") from None
 
 
 def carve(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
