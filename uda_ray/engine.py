@@ -435,6 +435,10 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
     if world > 1:
         dist.barrier()
     data = build_datasets(cfg)
+    if rank == 0:  # the val split is read only at evaluation: find its damage before training
+        from .data.check import require_clean
+
+        require_clean(data["val"], what="target val split", workers=cfg.run.num_workers)
     ctx = Context(cfg, device, amp=cfg.run.amp and is_cuda, channels_last=cfg.run.channels_last and is_cuda,
                   rank=rank, world_size=world,
                   target_batches_per_epoch=max(1, len(data["target"]) // (cfg.data.batch_size * world)),
