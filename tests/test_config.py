@@ -70,3 +70,72 @@ def test_yaml_nested_or_flat_with_preset(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(cfg.to_yaml())
     assert load_config(again).flat() == cfg.flat()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optim.momentum", ".nan"), ("optim.lr", ".nan"), ("optim.lr", ".inf"), ("optim.lr", "-.inf"),
+    ("optim.weight_decay", ".NaN"), ("optim.lr", float("nan")), ("optim.lr", float("inf")),
+])
+def test_nan_and_infinity_are_refused(key, value):
+    # NaN compares false with every bound, so it used to pass the range checks (momentum=.nan
+    # trained to NaN weights); from --set, a YAML file or a Tune/Optuna sample alike
+    with pytest.raises(ConfigError, match=rf"{key}: expected a finite number, got"):
+        build_config({key: value}, method="source_only")
+
+
+@pytest.mark.parametrize("key, value", [("run.iterations", ".inf"), ("run.iterations", float("nan")),
+                                        ("run.seed", "-.inf")])
+def test_nan_and_infinity_are_not_integers(key, value):
+    with pytest.raises(ConfigError, match=rf"{key}: expected an integer, got"):
+        build_config({key: value}, method="source_only")
+
+
+@pytest.mark.parametrize("text, expected", [("1e-3", 1e-3), ("1E-3", 1e-3), ("+1e-3", 1e-3), ("1e3", 1e3),
+                                            (".5e-2", 0.005), ("2.5E-4", 2.5e-4)])
+def test_scientific_notation_for_floats(tmp_path, text, expected):
+    # PyYAML reads 1e-3 as a string (YAML 1.1 wants 1.0e-3): both --set and YAML files take it
+    assert build_config(parse_overrides([f"optim.lr={text}"]), method="source_only").optim.lr == expected
+    p = tmp_path / "c.yaml"
+    p.write_text(f"method: source_only\noptim:\n  lr: {text}\n")
+    assert load_config(p).optim.lr == expected
+
+
+def test_scientific_notation_for_ints_only_when_exact(tmp_path):
+    assert build_config(parse_overrides(["run.iterations=1e3"]), method="source_only").run.iterations == 1000
+    p = tmp_path / "c.yaml"
+    p.write_text("method: source_only\nrun.iterations: 2E4\n")
+    assert load_config(p).run.iterations == 20000
+    for text in ("1.5e0", "1e-3", "1e400"):
+        with pytest.raises(ConfigError, match=rf"run.iterations: expected an integer, got '{text}'"):
+            build_config(parse_overrides([f"run.iterations={text}"]), method="source_only")
+    # a str knob keeps the text
+    assert build_config(parse_overrides(["run.name=1e-3"]), method="source_only").run.name == "1e-3"
+
+
+@pytest.mark.parametrize("device, ok", [("auto", True), ("cpu", True), ("cuda", True), ("cuda:1", True),
+                                        ("tpu", False), ("cuda:", False), ("cuda:x", False), ("gpu", False)])
+def test_run_device_is_validated(device, ok):
+    if ok:
+        assert build_config({"run.device": device}, method="source_only").run.device == device
+    else:
+        with pytest.raises(ConfigError, match=r"run.device: must be one of \['auto', 'cpu', 'cuda', "
+                                              rf"'cuda:<index>'\], got '{device}'"):
+            build_config({"run.device": device}, method="source_only")
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method: source_only\nrun:\n  seed: 1\n   iterations: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line 4, column 14: invalid YAML: mapping values"):
+        load_config(p)
+    p.write_bytes(b"method: source_only\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 text \(byte 0xe9 at offset 25\)"):
+        load_config(p)
+
+
+def test_only_the_small_presets_generate_the_benchmark():
+    # the paper preset and the defaults point at the user's data: nothing is generated there
+    assert build_config(method="source_only").data.synth is False
+    assert build_config(method="source_only", preset="paper").data.synth is False
+    assert build_config(method="source_only", preset="tiny-cpu").data.synth is True
+    assert build_config(method="source_only", preset="study-cpu").data.synth is True

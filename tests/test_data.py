@@ -69,7 +69,7 @@ def test_cityscapes_reader_and_layout_errors(tmp_path):
         Cityscapes(root, split="train")
     with pytest.raises(DatasetError, match="root folder not found"):
         Cityscapes(tmp_path / "nope", split="val")
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(DatasetError, match="cityscapes: split must be one of train, val, test, got 'valid'"):
         Cityscapes(root, split="valid")
 
 
@@ -204,3 +204,16 @@ def test_loader_batches_do_not_depend_on_worker_count(tmp_path):
 def test_build_dataset_rejects_unknown_name(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'gta'.*cityscapes"):
         build_dataset("gta", tmp_path)
+
+
+def test_require_clean_names_the_first_problem_and_the_count(tmp_path):
+    from uda_ray.data.check import require_clean
+
+    root = trees.cityscapes_tree(tmp_path / "cs", split="val", cities=("frankfurt", "lindau", "munster"))
+    assert require_clean(Cityscapes(root, split="val"), what="target val split").n_ok == 3
+    labels = sorted((root / "gtFine" / "val").rglob("*.png"))
+    labels[0].unlink()  # an image without its label
+    trees.grey_label(labels[1], trees.label_map(8, 32, [7]))  # label of the wrong size
+    with pytest.raises(DatasetError, match=r"without a label .*\(target val split: 2 problems in cityscapes 'val'; "
+                                           r"`uda-ray data check .* --dataset cityscapes --split val` lists them\)"):
+        require_clean(Cityscapes(root, split="val"), what="target val split")

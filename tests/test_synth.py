@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uda_ray.data import synth
+from uda_ray.config import ConfigError, build_config
+from uda_ray.data import DatasetError, synth
 from uda_ray.data.labels import cityscapes_labelid_to_19, labelid_palette, train19_to_labelid
 
 SMALL = dict(n_source=12, n_target=12, n_val=12)  # 12 = one cycle of featured rare classes
@@ -140,6 +141,63 @@ def test_clear_errors(tmp_path):
             synth.generate(tmp_path, **{name: 0})
     foreign = tmp_path / "real"
     (foreign / "gta5" / "images").mkdir(parents=True)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(DatasetError, match=r"real: refusing to write the embedded benchmark into a folder "
+                                           r"that holds data it did not write \(gta5; no synth.json\)"):
         synth.generate(foreign, n_source=1, n_target=1, n_val=1)
     assert (foreign / "gta5" / "images").is_dir()  # untouched
+
+
+def test_generation_refuses_a_folder_it_did_not_write_and_touches_nothing(tmp_path):
+    small = dict(n_source=1, n_target=1, n_val=1, workers=1)
+    for name, entries in (("other", ["notes.txt"]), ("gta5only", ["gta5/images/00001.png"]),
+                          ("dataset", ["leftImg8bit/train/x.png", "gtFine/train/y.png"])):
+        root = tmp_path / name
+        for e in entries:
+            (root / e).parent.mkdir(parents=True, exist_ok=True)
+            (root / e).write_text("user data")
+        before = files(root)
+        with pytest.raises(DatasetError, match=rf"{root}: refusing to write the embedded benchmark"):
+            synth.generate(root, **small)
+        assert files(root) == before
+    # its own folder (marker) is regenerated; one with the marker and anything else is refused
+    own = tmp_path / "own"
+    synth.generate(own, **small)
+    synth.generate(own, seed=1, **small)
+    (own / "mine.txt").write_text("user data")
+    with pytest.raises(DatasetError, match=r"\(mine.txt\)"):
+        synth.generate(own, seed=2, **small)
+    assert (own / "mine.txt").read_text() == "user data" and (own / "gta5").is_dir()
+    # an existing empty folder is fine
+    (tmp_path / "empty").mkdir()
+    synth.generate(tmp_path / "empty", **small)
+
+
+def test_ensure_benchmark_says_where_it_generates(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    synth.ensure_benchmark("bench", n_source=1, n_target=1, n_val=1, workers=1)
+    assert f"generating the embedded benchmark in {tmp_path / 'bench'} (first use) ..." in capsys.readouterr().err
+    synth.ensure_benchmark("bench", n_source=1, n_target=1, n_val=1, workers=1)
+    assert "generating" not in capsys.readouterr().err
+
+
+def test_ensure_data_only_where_asked_at_an_absolute_path_and_never_into_user_data(tmp_path, monkeypatch):
+    from uda_ray import engine
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(synth, "ensure_benchmark", lambda root, **kw: calls.append(root))
+    engine.ensure_data(build_config(method="source_only"))  # the default: data.synth=false
+    engine.ensure_data(build_config({"data.root": "/data"}, method="source_only", preset="paper"))
+    assert calls == [] and not (tmp_path / "data").exists()
+    engine.ensure_data(build_config(method="source_only", preset="tiny-cpu"))
+    assert calls == [tmp_path / "data" / "synth"]
+    monkeypatch.undo()
+    real = tmp_path / "real"
+    (real / "GTA5" / "images").mkdir(parents=True)
+    cfg = build_config({"data.root": str(real), "data.synth": True}, method="source_only")
+    with pytest.raises(ConfigError, match=rf"data.root: {real}: refusing to write .*\(GTA5; no synth.json\)"):
+        engine.ensure_data(cfg)
+    assert sorted(p.name for p in real.iterdir()) == ["GTA5"]
+    with pytest.raises(ConfigError, match=r"data.synth_regime: unknown regime 'foggy'; valid regimes"):
+        engine.ensure_data(build_config({"data.root": str(tmp_path / "b"), "data.synth": True,
+                                         "data.synth_regime": "foggy"}, method="source_only"))

@@ -10,17 +10,20 @@ DEFAULT_SYNTH_ROOT = "data/synth"
 
 
 def _cmd_data_synth(args) -> int:
+    from pathlib import Path
+
     from .data import synth
 
-    print(f"generating the embedded benchmark (regime {args.regime!r}, seed {args.seed}) in {args.out} ...")
+    out = Path(args.out).resolve()
+    print(f"generating the embedded benchmark (regime {args.regime!r}, seed {args.seed}) in {out} ...")
     t0 = time.perf_counter()
     counts = {k: v for k, v in (("n_source", args.n_source), ("n_target", args.n_target),
                                 ("n_val", args.n_val)) if v is not None}  # None: the generator's default
-    summary = synth.generate(args.out, seed=args.seed, regime=args.regime, workers=args.workers,
+    summary = synth.generate(out, seed=args.seed, regime=args.regime, workers=args.workers,
                              progress=True, **counts)
     print(f"done in {time.perf_counter() - t0:.1f} s: {summary['counts']}")
-    print(f"  source (GTA5 layout):       {args.out}/gta5")
-    print(f"  target (Cityscapes layout): {args.out}/cityscapes")
+    print(f"  source (GTA5 layout):       {out / 'gta5'}")
+    print(f"  target (Cityscapes layout): {out / 'cityscapes'}")
     return 0
 
 
@@ -163,12 +166,42 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as every other error of uda-ray (sub-commands
+    are built with the parent's class, so they get it too)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    """An option's count: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _positive(text: str) -> int:
+    """An option's count: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def _int_at_least(text: str, lo: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < lo:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .data.datasets import DATASETS
 
-    p = argparse.ArgumentParser(prog="uda-ray", description=__doc__)
+    p = _Parser(prog="uda-ray", description=__doc__)
     p.add_argument("--version", action="version", version=f"uda-ray {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show its traceback instead of a one-line message")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="generate and check datasets")
@@ -177,12 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("synth", help="write the embedded synthetic-to-real benchmark "
                                       "(GTA5 and Cityscapes layouts)")
     s.add_argument("--out", default=DEFAULT_SYNTH_ROOT, help="output folder (default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-source", type=int, default=None, help="source images (default: the generator's)")
-    s.add_argument("--n-target", type=int, default=None, help="target train images")
-    s.add_argument("--n-val", type=int, default=None, help="target val images")
+    s.add_argument("--seed", type=_count, default=0)
+    s.add_argument("--n-source", type=_positive, default=None, help="source images (default: the generator's)")
+    s.add_argument("--n-target", type=_positive, default=None, help="target train images")
+    s.add_argument("--n-val", type=_positive, default=None, help="target val images")
     s.add_argument("--regime", default="default", help="named domain-shift regime")
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=_positive, default=2)
     s.set_defaults(func=_cmd_data_synth)
 
     c = dsub.add_parser("check", help="read every sample; print counts, class histogram, problems")
@@ -190,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     c.add_argument("--split", default=None, help="split (default: the dataset's first)")
     c.add_argument("--num-classes", type=int, choices=(19, 16), default=None)
-    c.add_argument("--workers", type=int, default=2)
-    c.add_argument("--max-problems", type=int, default=50)
+    c.add_argument("--workers", type=_count, default=2)
+    c.add_argument("--max-problems", type=_count, default=50)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_data_check)
 
@@ -213,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", default=None, help="override data.root")
     e.add_argument("--split", default=None, help="target split (default: the run's data.val_split)")
     e.add_argument("--device", default="auto")
-    e.add_argument("--max-images", type=int, default=0)
+    e.add_argument("--max-images", type=_count, default=0)
     e.set_defaults(func=_cmd_eval)
 
     from .study import study_arg_parser
@@ -236,32 +269,58 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--preset", default="tiny-cpu")
     bs.add_argument("--method", default="adaptseg")
     bs.add_argument("--set", action="append", metavar="KEY=VALUE")
-    bs.add_argument("--warmup", type=int, default=5)
-    bs.add_argument("--iters", type=int, default=20)
+    bs.add_argument("--warmup", type=_count, default=5)
+    bs.add_argument("--iters", type=_positive, default=20)
     bs.set_defaults(func=_cmd_bench_step)
     bp = bsub.add_parser("proxy", help="time and peak memory of one proxy-label generation over a synthetic "
                                        "score volume (default: Cityscapes train, 2975 x 19 x 512 x 1024)")
-    bp.add_argument("--images", type=int, default=2975)
+    bp.add_argument("--images", type=_positive, default=2975)
     bp.add_argument("--size", default="1024x512", help="WIDTHxHEIGHT of the scores (default: %(default)s)")
-    bp.add_argument("--classes", type=int, default=19)
+    bp.add_argument("--classes", type=_positive, default=19)
     bp.add_argument("--policy", default="adversarial", choices=("global", "class_balanced", "adversarial"))
     bp.add_argument("--portion", type=float, default=0.6, help="global/class_balanced portion, or MAT's p1")
     bp.add_argument("--portion2", type=float, default=0.8, help="MAT's p2 (adversarial policy)")
-    bp.add_argument("--bins", type=int, default=4096)
+    bp.add_argument("--bins", type=_positive, default=4096)
     bp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bp.set_defaults(func=_cmd_bench_proxy)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .data.io import DatasetError
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors printed as one line (exit status 2): bad input a user can fix (config keys,
+    dataset files, checkpoints and run directories, a run that diverged)."""
+    from .errors import UserError
 
+    return UserError, FileNotFoundError
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of a user error, on one line.
+
+    A DataLoader worker's exception is re-raised in the main process as the same type with
+    the message "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback ...",
+    the worker's formatted traceback, whose last line is "<module>.<Type>: <message>"
+    (``torch._utils.ExceptionWrapper``): keep the worker's own message.
+    """
+    msg = str(e)
+    if msg.startswith("Caught ") and "\nOriginal Traceback" in msg:
+        last = msg.rstrip().splitlines()[-1]
+        for prefix in (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__qualname__}: "):
+            if last.startswith(prefix):
+                return last[len(prefix):]
+        return last
+    lines = [line for line in msg.splitlines() if line.strip()]
+    return " ".join(line.strip() for line in lines) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, ConfigError, FileNotFoundError) as e:
-        print(f"uda-ray: error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        if args.debug:
+            raise
+        print(f"uda-ray: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -20,6 +20,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
+
 DEFAULT_OBJECTIVE = "sel/mIoU"
 DEFAULT_REPORT = "val/mIoU"
 SEL_METRIC = "sel/mIoU"
@@ -96,7 +98,7 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
         (``src/mIoU`` max, ``tgt/entropy`` min) logged on every row that has finished runs.
 
     Raises:
-        ValueError: no experiment or no study run named ``study`` in the store.
+        UnknownStudy: no experiment or no study run named ``study`` in the store (a ValueError).
     """
     import mlflow
 
@@ -106,10 +108,10 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "active":
-        raise ValueError(_unknown(name, uri, f"no MLflow experiment {name!r}"))
+        raise UnknownStudy(_unknown(name, uri, f"no MLflow experiment {name!r}"))
     parent = _find_parent(client, exp.experiment_id, name)
     if parent is None:
-        raise ValueError(_unknown(name, uri, f"experiment {name!r} has no study run (tag uda_ray.kind=study)"))
+        raise UnknownStudy(_unknown(name, uri, f"experiment {name!r} has no study run (tag uda_ray.kind=study)"))
     runs = _children(client, exp.experiment_id, parent.info.run_id)
 
     tags = parent.data.tags
@@ -139,6 +141,10 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
 # --------------------------------------------------------------------------------------------
 # Reading MLflow
 # --------------------------------------------------------------------------------------------
+class UnknownStudy(UserError, ValueError):
+    """No study of that name in the MLflow store."""
+
+
 def _unknown(name: str, uri: str, why: str) -> str:
     return (f"unknown study {name!r} at tracking URI {uri}: {why}; run `uda-ray study` for it first "
             f"(or pass the tracking URI it logged to)")
@@ -149,7 +155,7 @@ def _check_sqlite_exists(uri: str, name: str) -> None:
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():
-            raise ValueError(_unknown(name, uri, f"there is no MLflow store at {path}"))
+            raise UnknownStudy(_unknown(name, uri, f"there is no MLflow store at {path}"))
 
 
 def _search_all(client, exp_id: str, filter_string: str, order_by: list[str] | None = None):

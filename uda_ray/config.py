@@ -15,7 +15,11 @@ registry :data:`METHODS` is filled here, where configs are built.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
 from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,19 @@ from .knobs import ConfigError, knob
 from .methods import (AdaBN, AdaptSeg, Curriculum, DAST, JAL, MAT, PWW, Method, SourceOnly)
 
 
+class _Devices:
+    """The values of ``run.device``, as a knob's ``choices``: ``cuda:<index>`` is any index."""
+
+    names = ("auto", "cpu", "cuda", "cuda:<index>")
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, str) and (value in self.names[:3] or re.fullmatch(r"cuda:\d+", value) is not None)
+
+    def __iter__(self):
+        return iter(self.names)
+
+
+DEVICES = _Devices()
 
 
 @dataclass
@@ -37,7 +54,7 @@ class RunConfig:
     log_every: int = knob(50, "iterations between loss logs (the only per-step host sync)", lo=1)
     eval_every: int = knob(5_000, "iterations between target-val evaluations (0 = at the end only)", lo=0)
     checkpoint_every: int = knob(5_000, "iterations between checkpoints (0 = at the end only)", lo=0)
-    device: str = knob("auto", "auto, cpu or cuda[:i]")
+    device: str = knob("auto", "auto, cpu, cuda or cuda:<index>", choices=DEVICES)
     amp: bool = knob(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = knob(True, "channels_last memory format on CUDA")
     num_workers: int = knob(4, "data loader workers per domain", lo=0)
@@ -49,7 +66,8 @@ class RunConfig:
 @dataclass
 class DataConfig:
     root: str = knob("data/synth", "data root; dataset folders below are relative to it")
-    synth: bool = knob(True, "generate the embedded benchmark under data.root when it is missing")
+    synth: bool = knob(False, "generate the embedded benchmark under data.root when it is missing (only into "
+                              "an empty folder or one the benchmark wrote; the tiny-cpu/study-cpu presets set it)")
     synth_seed: int = knob(0, "seed of the embedded benchmark", lo=0)
     synth_regime: str = knob("default", "domain-shift regime of the embedded benchmark")
     source: str = knob("gta5", "source reader", choices=("gta5", "synthia", "cityscapes", "bdd100k"))
@@ -146,6 +164,28 @@ class Config:
         return yaml.safe_dump(self.flat(), sort_keys=False)
 
 
+# Decimal text with an optional exponent. PyYAML follows YAML 1.1, which reads 1e-3, 1E3 and
+# +1e-3 as strings (it wants a dot and a signed exponent: 1.0e-3), so these are parsed here.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number(key: str, value, typ: type):
+    """The value of an int or float knob from a number or its decimal text (``1e-3``). NaN and
+    infinity are refused (they pass every range check); an int must be exact (``1e3`` is 1000,
+    ``1.5e0`` is refused)."""
+    num = Decimal(value.strip()) if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) else value
+    if isinstance(num, bool) or not isinstance(num, (numbers.Real, Decimal)):
+        raise ConfigError(f"{key}: expected {'an integer' if typ is int else 'a number'}, got {value!r}")
+    if typ is float:
+        if not math.isfinite(num):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(num)
+    if not isinstance(num, numbers.Integral) and not (math.isfinite(num) and abs(num) < 2**63
+                                                      and num == math.floor(num)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return int(num)
+
+
 def _coerce(key: str, f: dataclasses.Field, value):
     typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     if isinstance(value, str) and typ is not str:
@@ -156,16 +196,8 @@ def _coerce(key: str, f: dataclasses.Field, value):
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    elif typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    elif typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
+    elif typ is int or typ is float:
+        value = _number(key, value, typ)
     elif typ is str:
         if value is None:
             value = ""
@@ -272,7 +304,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                              "save the config as UTF-8") from None
+        except yaml.YAMLError as e:
+            mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            if ctx is not None and getattr(e, "context", None):
+                what += f" ({e.context} at line {ctx.line + 1})"
+            raise ConfigError(f"{path}:{where} invalid YAML: {what}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         values = flatten(loaded)
@@ -313,8 +356,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dast.ndf": 16, "dast.d_width": 64,
     },
     # The papers' setting: DeepLab-v2 ResNet-101, GTA5 1280x720 -> Cityscapes 1024x512.
+    # data.synth stays false: data.root holds the user's real datasets, never the benchmark.
     "paper": {
-        "data.source_w": 1280, "data.source_h": 720, "data.target_w": 1024, "data.target_h": 512,
+        "data.synth": False, "data.source_w": 1280, "data.source_h": 720, "data.target_w": 1024, "data.target_h": 512,
         "data.batch_size": 1, "model.arch": "deeplabv2_r101", "model.pretrained": "torchvision",
         "model.bn": "frozen", "optim.lr": 2.5e-4, "run.iterations": 150_000,
         "run.schedule_iterations": 250_000,

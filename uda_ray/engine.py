@@ -29,14 +29,16 @@ from .checkpoint import (checkpoint_path, claim_run_dir, load_checkpoint_file, m
                          save_checkpoint)
 from .config import METHODS, Config, ConfigError
 from .context import Context
+from .errors import UserError
 from .data import JointTransform, PairedBatches, build_dataset, eval_loader, train_loader
 from .evaluation import ConfusionMatrix, Scores, summarize, upsample_logits
 from .models import build_segmenter
 from .mosaic import mosaic_png
 
 
-class NonFiniteLoss(RuntimeError):
-    """A loss became NaN or infinite: the run stops rather than train on garbage."""
+class NonFiniteLoss(UserError, RuntimeError):
+    """A loss became NaN or infinite: the run stops rather than train on garbage (and is
+    marked diverged); the user lowers the learning rate or the loss weights."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,19 +69,28 @@ def _dir(cfg: Config, which: str) -> Path:
 
 
 def ensure_data(cfg: Config) -> None:
-    """Generate the embedded benchmark on first use when the config points at it."""
+    """Generate the embedded benchmark on first use when the config asks for it (``data.synth``,
+    set by the tiny-cpu and study-cpu presets only), at ``data.root`` made absolute. A folder
+    there that holds anything the generator did not write is refused, never written into."""
     if not cfg.data.synth:
         return
     import fcntl
 
     from .data import synth
+    from .data.io import DatasetError
 
-    root = Path(cfg.data.root)
+    root = Path(cfg.data.root).resolve()
     root.parent.mkdir(parents=True, exist_ok=True)
     # Concurrent trials on one machine: one generates, the others wait for it.
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        synth.ensure_benchmark(root, seed=cfg.data.synth_seed, regime=cfg.data.synth_regime)
+        try:
+            synth.ensure_benchmark(root, seed=cfg.data.synth_seed, regime=cfg.data.synth_regime)
+        except synth.SynthArgumentError as e:
+            raise ConfigError(f"data.synth_regime: {e}") from None
+        except DatasetError as e:
+            raise ConfigError(f"data.root: {e} (data.synth is true: set data.synth=false to use the data "
+                              "there)") from None
 
 
 def carve(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
@@ -330,6 +341,10 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
     if world > 1:
         dist.barrier()
     data = build_datasets(cfg)
+    if rank == 0:  # the val split is read only at evaluation: find its damage before training
+        from .data.check import require_clean
+
+        require_clean(data["val"], what="target val split", workers=cfg.run.num_workers)
     ctx = Context(cfg, device, amp=cfg.run.amp and is_cuda, channels_last=cfg.run.channels_last and is_cuda,
                   rank=rank, world_size=world,
                   target_batches_per_epoch=max(1, len(data["target"]) // (cfg.data.batch_size * world)),

@@ -1,6 +1,6 @@
 """What a config section is made of: :func:`knob` fields and :class:`ConfigError`.
 
-A leaf module (it imports nothing of uda-ray), so the methods can declare their config
+A leaf module (it imports nothing of uda-ray but :mod:`uda_ray.errors`), so the methods can declare their config
 sections here without importing :mod:`uda_ray.config`, which builds configs from them.
 """
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import field
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key that does not exist, or a value of the wrong type or out of range."""
 
 

@@ -134,9 +134,14 @@ def load_study(path: str | Path) -> Study:
     """The ``STUDY`` object of a study script."""
     import importlib.util
 
+    from .errors import UserError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: study script not found")
+    if path.suffix != ".py":
+        raise UserError(f"{path}: not a study script (expected a .py file that defines STUDY = Study(...), "
+                        "e.g. studies/quickstart.py)")
     name = f"uda_ray_study_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -144,7 +149,7 @@ def load_study(path: str | Path) -> Study:
     spec.loader.exec_module(module)
     study = getattr(module, "STUDY", None)
     if not isinstance(study, Study):
-        raise ValueError(f"{path}: expected a module-level STUDY = Study(...)")
+        raise UserError(f"{path}: not a study script (expected a module-level STUDY = Study(...))")
     return study
 
 

@@ -98,3 +98,16 @@ def check_dataset(ds: SegDataset, *, workers: int = 2, progress: bool = True) ->
     report.pixels = hist[: ds.num_classes].copy()
     report.ignored_pixels = int(hist[255])
     return report
+
+
+def require_clean(ds: SegDataset, *, what: str, workers: int = 0) -> CheckReport:
+    """Check every sample of ``ds`` as :func:`check_dataset` does; raise :class:`DatasetError`
+    naming the first problem and the count, so that damage in a split read only later (the
+    target val split, after training) stops a run before it starts."""
+    report = check_dataset(ds, workers=workers, progress=False)
+    if report.problems:
+        n = len(report.problems)
+        raise DatasetError(f"{report.problems[0]} ({what}: {n} problem{'s' if n > 1 else ''} in {ds.name} "
+                           f"{ds.split!r}; `uda-ray data check {ds.root} --dataset {ds.name} --split {ds.split}` "
+                           "lists them)")
+    return report

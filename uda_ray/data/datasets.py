@@ -66,7 +66,7 @@ class SegDataset(Dataset):
         self.root = Path(root)
         self.split = split or self.splits[0]
         if self.split not in self.splits:
-            raise ValueError(f"{self.name}: split must be one of {self.splits}, got {self.split!r}")
+            raise DatasetError(f"{self.name}: split must be one of {', '.join(self.splits)}, got {self.split!r}")
         if num_classes not in L.LABEL_SPACES:
             raise ValueError(f"{self.name}: num_classes must be one of {L.LABEL_SPACES}, got {num_classes}")
         if missing_label not in ("skip", "error"):

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserError
 
-class DatasetError(Exception):
+
+class DatasetError(UserError):
     """A dataset problem a user can act on: the message names the file or folder."""
 
 

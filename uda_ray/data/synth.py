@@ -61,7 +61,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from uda_ray.data.io import DatasetError
 from uda_ray.data.labels import CLASSES_19, labelid_palette, train19_to_labelid
+from uda_ray.errors import UserError
 
 SYNTH_VERSION = 1
 SOURCE_SIZE = (480, 264)  # (W, H): GTA5's 1914x1052 scaled by 1/4
@@ -1145,16 +1147,42 @@ def _work(task):
 
 
 # ----------------------------------------------------------------------------- API
+class SynthArgumentError(UserError, ValueError):
+    """A bad argument of the generator (unknown regime, a count < 1, ...)."""
+
+
+# What the generator writes in its folder; a folder holding anything else is not the benchmark's.
+OWN_ENTRIES = ("gta5", "cityscapes", "synth.json", ".synth_partial")
+
+
+def _check_own_folder(out: Path) -> None:
+    """Refuse to write into a folder that holds anything the generator did not write: the
+    benchmark's folders are recognised by its marker files (``synth.json`` when complete,
+    ``.synth_partial`` while or if interrupted while writing). Nothing is deleted here."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DatasetError(f"{out}: exists and is not a folder; the embedded benchmark needs a new or empty folder")
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [e for e in entries if e not in OWN_ENTRIES]
+    marked = (out / "synth.json").is_file() or (out / ".synth_partial").is_file()
+    if foreign or (entries and not marked):
+        shown = ", ".join(foreign or entries)
+        raise DatasetError(f"{out}: refusing to write the embedded benchmark into a folder that holds data it did "
+                           f"not write ({shown}{'' if marked else '; no synth.json'}); give it a new or empty "
+                           f"folder")
+
+
 def _params(seed, n_source, n_target, n_val, regime, shift) -> dict:
     """Validate the arguments and return the record that synth.json keeps."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        raise SynthArgumentError(f"seed must be an integer >= 0, got {seed!r}")
     for name, n in (("n_source", n_source), ("n_target", n_target), ("n_val", n_val)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+            raise SynthArgumentError(f"{name} must be an integer >= 1, got {n!r}")
     if shift is None:
         if regime not in REGIMES:
-            raise ValueError(f"unknown regime {regime!r}; valid regimes: {', '.join(sorted(REGIMES))}")
+            raise SynthArgumentError(f"unknown regime {regime!r}; valid regimes: {', '.join(sorted(REGIMES))}")
         shift = REGIMES[regime]
     elif not isinstance(shift, Shift):
         raise TypeError(f"shift must be a Shift, got {type(shift).__name__}")
@@ -1170,23 +1198,20 @@ def generate(out, *, seed=0, n_source=DEFAULT_N_SOURCE, n_target=DEFAULT_N_TARGE
     """Write the benchmark under ``out`` (layout in the module docstring); return a summary.
 
     ``shift`` overrides ``regime`` (recorded as the matching regime name, else "custom").
-    A previous benchmark in ``out`` is replaced; a directory holding other data is refused.
+    A previous benchmark in ``out`` is replaced; a folder holding anything else is refused
+    (:class:`DatasetError`), and nothing of it is touched.
     The summary has ``seconds``, ``counts`` and ``class_freq`` (per domain, the fraction of
     labelled pixels of each of the 19 classes, plus ``ignore``: the void fraction of all pixels).
     """
     params = _params(seed, n_source, n_target, n_val, regime, shift)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        raise SynthArgumentError(f"workers must be an integer >= 1, got {workers!r}")
     t0 = time.perf_counter()
     out = Path(out)
     marker, partial = out / "synth.json", out / ".synth_partial"
-    owned = [out / "gta5", out / "cityscapes"]
-    if any(p.exists() for p in owned):
-        if not (marker.exists() or partial.exists()):
-            raise FileExistsError(f"{out} holds gta5/ or cityscapes/ not written by this generator "
-                                  "(no synth.json): remove them or pick an empty directory")
-        for p in owned:
-            shutil.rmtree(p, ignore_errors=True)
+    _check_own_folder(out)
+    for p in (out / "gta5", out / "cityscapes"):  # a previous benchmark (marked as ours above)
+        shutil.rmtree(p, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     partial.touch()
@@ -1252,5 +1277,8 @@ def ensure_benchmark(out, **kw) -> Path:
             have = None
         if have is not None and {k: have.get(k) for k in want} == want:
             return out
+    # Said where, in full: a relative out depends on the current folder.
+    why = "its parameters changed" if marker.exists() else "first use"
+    print(f"generating the embedded benchmark in {out.resolve()} ({why}) ...", file=sys.stderr, flush=True)
     generate(out, **kw)
     return out

@@ -34,14 +34,17 @@ def resolve_pretrained(pretrained: str | os.PathLike, *, arch: str | None) -> Pa
             has no weights for it.
 
     Raises:
-        ValueError: ``"torchvision"`` for a backbone torchvision has no weights for.
+        ConfigError: ``"torchvision"`` for a backbone torchvision has no weights for (a
+            ValueError).
         FileNotFoundError: the file does not exist (the message names the path and how to
             obtain it).
     """
     if str(pretrained) == "torchvision":
         if arch is None:
-            raise ValueError("torchvision has no ImageNet weights for this backbone; "
-                             "pass pretrained=<path to a local state dict> or None")
+            from uda_ray.knobs import ConfigError
+
+            raise ConfigError("model.pretrained: torchvision has no ImageNet weights for this backbone (only for "
+                              "the ResNet-101, ResNet-18 and VGG16 ones); set it to a local state dict file or ''")
         path = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[arch]
     else:
         path = Path(pretrained).expanduser()
