@@ -78,10 +78,7 @@ def _cmd_train(args) -> int:
           f"({result.seconds:.0f} s); run directory {result.run_dir}")
     print(result.scores.format_table())
     if tracker is not None:
-        import mlflow
-
-        uri = args.tracking_uri or mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-        print(f"MLflow run {tracker.run_id}: open the UI with  mlflow ui --backend-store-uri {uri}")
+        print(f"MLflow run {tracker.run_id}: open the UI with  mlflow ui --backend-store-uri {tracker.tracking_uri}")
     return 0
 
 

@@ -98,12 +98,12 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
     Raises:
         ValueError: no experiment or no study run named ``study`` in the store.
     """
-    import mlflow
+    from . import tracking
 
     name = study_name(study)
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = tracking.resolve_uri(tracking_uri)
     _check_sqlite_exists(uri, name)
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = tracking.mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "active":
         raise ValueError(_unknown(name, uri, f"no MLflow experiment {name!r}"))

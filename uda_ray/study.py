@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import tracking
 from .config import build_config
 
 
@@ -158,12 +159,9 @@ class StudyRecord:
     """The study's parent run and its child runs in MLflow."""
 
     def __init__(self, study: Study, name: str, tracking_uri: str | None):
-        import mlflow
-
-        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-        self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.tracking_uri = tracking.resolve_uri(tracking_uri)
+        self.client = tracking.mlflow_client(self.tracking_uri)
+        self.experiment_id = tracking.experiment_id(self.client, name)
         self.name = name
         parents = self.client.search_runs([self.experiment_id],
                                           filter_string=f"tags.`uda_ray.kind` = 'study' and tags.study = '{name}'",
@@ -204,8 +202,6 @@ def drive_trial(config: dict, ctx: dict) -> None:
     """A Tune trial: fit one row x seed (x sampled hyperparameters) with Ray Train and log
     one MLflow child run. The driver creates the run, so a restarted worker group logs
     into the same run; a failure marks it FAILED."""
-    import mlflow
-
     from . import distributed
 
     t = dict(config.get("trial") or {})
@@ -216,7 +212,7 @@ def drive_trial(config: dict, ctx: dict) -> None:
     flat = build_config(flat).flat()  # validates sampled values, naming the key
     search = "1" if sampled and not t else "0"
     tid = distributed.trial_id()
-    client = mlflow.MlflowClient(tracking_uri=ctx["tracking_uri"])
+    client = tracking.mlflow_client(ctx["tracking_uri"])
     tags = {"mlflow.parentRunId": ctx["parent_id"], "uda_ray.kind": "row", "study": ctx["study"], "row": row,
             "seed": str(seed), "trial": tid if search == "1" else "", "search": search,
             "config_hash": config_hash(flat), **t.get("tags", {})}
