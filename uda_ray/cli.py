@@ -59,6 +59,8 @@ def _resolve_config(args):
 
 
 def _cmd_train(args) -> int:
+    from pathlib import Path
+
     from .engine import fit
 
     cfg, run_dir = _resolve_config(args)
@@ -66,14 +68,17 @@ def _cmd_train(args) -> int:
     if not args.no_mlflow:
         from .tracking import MlflowTracker
 
-        tracker = MlflowTracker(experiment=args.experiment, run_name=cfg.run_name, tracking_uri=args.tracking_uri)
-    status = "FAILED"
+        # the run directory fit uses: a resume continues the MLflow run recorded there
+        tracker = MlflowTracker.for_run_dir(run_dir or Path(cfg.run.out) / cfg.run_name, experiment=args.experiment,
+                                            run_name=cfg.run_name, tracking_uri=args.tracking_uri)
     try:
         result = fit(cfg, run_dir=run_dir, tracker=tracker, progress=not args.quiet)
-        status = "FINISHED"
-    finally:
+    except BaseException as e:
         if tracker is not None:
-            tracker.finish(status)
+            tracker.fail(e)
+        raise
+    if tracker is not None:
+        tracker.finish("FINISHED")
     print(f"{cfg.run_name}: step {result.step}, target-val mIoU {100 * result.scores.miou:.2f} "
           f"({result.seconds:.0f} s); run directory {result.run_dir}")
     print(result.scores.format_table())

@@ -95,6 +95,10 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
         (points); ``selection["label_free"]`` holds the same for each label-free criterion
         (``src/mIoU`` max, ``tgt/entropy`` min) logged on every row that has finished runs.
 
+    Side effect: RUNNING runs of the study whose owning process ran on this host and has ended
+    are first marked KILLED (:func:`uda_ray.tracking.reap_orphans`); runs owned by processes
+    of another host are left alone.
+
     Raises:
         ValueError: no experiment or no study run named ``study`` in the store.
     """
@@ -107,6 +111,9 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "active":
         raise ValueError(_unknown(name, uri, f"no MLflow experiment {name!r}"))
+    # Runs left RUNNING by a killed process of this host count as KILLED (failed), not as
+    # "not finished yet"; those of another host are left as they are.
+    tracking.reap_orphans(client, exp.experiment_id)
     parent = _find_parent(client, exp.experiment_id, name)
     if parent is None:
         raise ValueError(_unknown(name, uri, f"experiment {name!r} has no study run (tag uda_ray.kind=study)"))
