@@ -1,6 +1,6 @@
 """MLflow bookkeeping on a real SQLite store: a fresh store opened by two processes at once,
 runs killed with SIGKILL (marked KILLED, resumed into the same MLflow run), the error tag of a
-failed run, a study's child run continued on a re-run, and telemetry
+failed run, a study's child run continued on a re-run, one process per study, and telemetry
 off by default. One fresh store for the module (creating one costs ~6 s)."""
 
 from __future__ import annotations
@@ -185,6 +185,26 @@ def test_study_rerun_continues_an_unfinished_child_and_reaps_a_dead_driver(store
     children = record.children(row="a")
     assert [r.info.run_id for r in children] == [child]  # continued, not duplicated
     assert children[0].info.status == "FINISHED" and "error" not in children[0].data.tags
+
+
+def test_second_study_of_the_same_name_exits_2_at_once(data_root, tmp_path, capsys):
+    from uda_ray.cli import main as cli
+    from uda_ray.study import STUDY_LOCK
+
+    script = tmp_path / "dup.py"
+    script.write_text("from uda_ray.study import Row, Study\n"
+                      f"STUDY = Study(name='dup', seeds=(0,), base={{'data.root': {str(data_root)!r}}}, "
+                      "rows=[Row('a', 'source_only')])\n")
+    out = tmp_path / "out"
+    with tracking.file_lock(out / "dup" / STUDY_LOCK) as held:  # the first study, running
+        held.write("pid 1234 on somewhere\n")
+        held.flush()
+        t0 = time.perf_counter()
+        # an unreachable Ray address: were the lock not checked first, this would not return 2
+        assert cli(["study", str(script), "--out", str(out), "--address", "127.0.0.1:9"]) == 2
+        assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "study dup is already running (pid 1234 on somewhere holds" in err[0]
 
 
 def test_telemetry_is_off_once_tracking_is_imported_unless_turned_on():

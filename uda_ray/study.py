@@ -15,7 +15,8 @@ switches), the seeds of every row and, optionally, a search space per row. Runni
 
 A failed trial is recorded as FAILED and the other rows go on; running the study again
 skips every row x seed already FINISHED with the same config, and continues the child run of
-one that is not (FAILED, or KILLED with its driver) instead of adding another.
+one that is not (FAILED, or KILLED with its driver) instead of adding another. Only one
+process runs a study of a given name at a time (a lock in ``<out>/<name>/``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -154,6 +156,9 @@ def config_hash(flat: dict) -> str:
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+STUDY_LOCK = ".study.lock"  # in <out>/<study name>/: held by the one process running the study
+
+
 # --- MLflow bookkeeping (driver side) -------------------------------------------------------
 
 class StudyRecord:
@@ -271,10 +276,28 @@ def drive_trial(config: dict, ctx: dict) -> None:
 def run_study(study: Study, *, smoke_test: bool = False, address: str | None = None,
               storage_path: str | None = None, tracking_uri: str | None = None,
               max_concurrent: int | None = None, out: str = "runs") -> int:
+    """Run ``study`` (see the module's docstring). Returns 0; 1 when a trial failed; 2 when
+    another process is running the study of the same name (it holds ``<out>/<name>/.study.lock``)."""
+    name = study.name + ("-smoke" if smoke_test else "")
+    lock = Path(out).resolve() / name / STUDY_LOCK
+    with tracking.file_lock(lock, blocking=False) as held:
+        if held is None:
+            holder = lock.read_text().strip() or "another process"
+            print(f"uda-ray: error: study {name} is already running ({holder} holds {lock}); "
+                  f"wait for it to end, or stop it, and run it again", file=sys.stderr)
+            return 2
+        held.truncate(0)
+        held.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        held.flush()
+        return _run_locked(study, name, smoke_test=smoke_test, address=address, storage_path=storage_path,
+                           tracking_uri=tracking_uri, max_concurrent=max_concurrent, out=out)
+
+
+def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | None, storage_path: str | None,
+                tracking_uri: str | None, max_concurrent: int | None, out: str) -> int:
     from . import distributed
     from .engine import ensure_data
 
-    name = study.name + ("-smoke" if smoke_test else "")
     seeds = study.seeds[:1] if smoke_test else study.seeds
     storage_path = storage_path or os.environ.get("UDA_RAY_STORAGE") or str(Path(out, "ray").resolve())
     if "://" not in storage_path:
