@@ -176,6 +176,8 @@ def test_workers_log_to_mlflow_on_the_head(config, node_envs):
     assert worker_env["MLFLOW_TRACKING_URI"] == f"http://{head_ip}:5000"
     assert head_env["MLFLOW_TRACKING_URI"] == worker_env["MLFLOW_TRACKING_URI"]
     assert head_ip not in ("127.0.0.1", "localhost", "0.0.0.0")
+    assert head_env["UDA_RAY_HEAD_IP"] == head_ip  # the address the MLflow server binds
+    assert head_env["MLFLOW_DISABLE_TELEMETRY"] == worker_env["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
 def test_mlflow_server_is_started_on_the_head(config):
@@ -190,8 +192,10 @@ def test_mlflow_server_is_started_on_the_head(config):
     assert opt["--port"] == "5000"
     assert opt["--backend-store-uri"].startswith("sqlite:////home/ubuntu/")
     assert opt["--default-artifact-root"].startswith("s3://")
-    # Reachable from the workers (not loopback-only) and from an SSH tunnel to the head's localhost.
-    assert opt["--host"] == "0.0.0.0"
+    # MLflow has no login: bound to the head's private IP (what the workers use), not 0.0.0.0.
+    assert opt["--host"] == "$UDA_RAY_HEAD_IP"
+    assert not re.search(r"--host[ =]+['\"]?(0\.0\.0\.0|::|\*)", cmd)
+    assert "http://$UDA_RAY_HEAD_IP:5000/health" in cmd  # the health check asks that address too
     assert not any("mlflow server" in c for c in config["worker_start_ray_commands"])
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_starts[ray_head]
 

@@ -252,6 +252,29 @@ def test_study_path_resolves_to_stem_and_no_finished_runs(store, tmp_path):
     assert (tmp_path / "x_compare.png").is_file() and not (tmp_path / "x_importances.csv").exists()
 
 
+def test_runs_of_a_dead_process_of_this_host_count_as_killed(store, tmp_path):
+    """A study driver killed with -9 left two children RUNNING: one owned by a process of this
+    host that has ended (here: this pid with another start time, i.e. a reused pid) is marked
+    KILLED and counted as failed; one owned by another host is left RUNNING."""
+    import os
+    import socket
+
+    client = store["client"]
+    exp = client.create_experiment("orphans", artifact_location=(store["root"] / "artifacts_o").as_uri())
+    parent = client.create_run(exp, tags={"uda_ray.kind": "study", "study": "orphans", "rows": "a,b"}).info.run_id
+    owner = {"uda_ray.host": socket.gethostname(), "uda_ray.pid": str(os.getpid()), "uda_ray.pid_start": "1"}
+    tags = {"mlflow.parentRunId": parent, "uda_ray.kind": "row", "study": "orphans", "search": "0", "seed": "0"}
+    dead = client.create_run(exp, tags={**tags, "row": "a", **owner}).info.run_id
+    away = client.create_run(exp, tags={**tags, "row": "b", **owner, "uda_ray.host": "another-host"}).info.run_id
+
+    res = compare_study("orphans", tracking_uri=store["uri"], out_dir=tmp_path, log_to_parent=False)
+    assert client.get_run(dead).info.status == "KILLED"
+    assert f"pid {os.getpid()}" in client.get_run(dead).data.tags["error"]
+    assert client.get_run(away).info.status == "RUNNING"
+    assert list(res.table["n_failed"]) == [1, 0]
+    assert "a seed 0 (killed" in res.text and "b: 1 run(s) not finished yet (RUNNING)" in res.text
+
+
 def test_class_order_matches_labels():
     # uda_ray.data.labels itself needs only numpy; load it without uda_ray.data (which pulls in torch).
     path = Path(__file__).parents[1] / "uda_ray" / "data" / "labels.py"

@@ -150,10 +150,13 @@ def test_study_across_two_nodes_records_rows_and_skips_finished_ones(cluster, da
         adabn.data.params["run.init_from"]
     assert (tmp_path / "out" / "smoke" / "smoke_compare.csv").is_file()
 
-    # Again: every finished row x seed is skipped; only the broken row runs (and fails) again.
+    # Again: every finished row x seed is skipped; only the broken row runs (and fails) again,
+    # continuing its FAILED child run rather than adding another.
     assert run_study(study, **kw) == 1
     out = capsys.readouterr().out
     assert out.count("already finished, skipped") == 4
     again = [r for r in client.search_runs([exp.experiment_id])
              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(again) == len(children) + 1
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in children)
+    broken = next(r for r in again if r.data.tags["row"] == "broken")
+    assert broken.info.status == "FAILED" and "NonFiniteLoss" in broken.data.tags["error"]  # in a WorkerGroupError

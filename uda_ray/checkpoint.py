@@ -35,7 +35,8 @@ FORMAT = "uda-ray-checkpoint/2"  # 2: loadable with weights_only=True (no numpy 
 LOCK_FILE = ".lock"
 DIVERGED_FILE = "DIVERGED"
 # what a run directory holds of its run: removed by --overwrite
-RUN_FILES = ("checkpoints", "proxies", DIVERGED_FILE, "config.yaml", "mosaic.png", "iou_per_class.csv")
+RUN_FILES = ("checkpoints", "proxies", DIVERGED_FILE, "config.yaml", "mosaic.png", "iou_per_class.csv",
+             "mlflow_run.json")  # an overwritten run starts a new MLflow run: the old row stays the old model's
 # keys that name or place a run rather than define it (a study's row x seed keeps its
 # identity when its init_from checkpoint is copied elsewhere)
 NOT_IDENTITY = ("run.init_from", "run.out", "run.name")

@@ -62,29 +62,36 @@ def _resolve_config(args):
 
 
 def _cmd_train(args) -> int:
+    from pathlib import Path
+
     from .engine import fit
 
     cfg, run_dir = _resolve_config(args)
-    tracker = None
-    if not args.no_mlflow:
+    opened = []  # the MLflow tracker, once fit has claimed the run directory
+
+    def open_tracker(where: Path):
         from .tracking import MlflowTracker
 
-        tracker = MlflowTracker(experiment=args.experiment, run_name=cfg.run_name, tracking_uri=args.tracking_uri)
-    status = "FAILED"
+        # a resume continues the MLflow run recorded in the run directory
+        opened.append(MlflowTracker.for_run_dir(where, experiment=args.experiment, run_name=cfg.run_name,
+                                                tracking_uri=args.tracking_uri))
+        return opened[0]
+
     try:
-        result = fit(cfg, run_dir=run_dir, tracker=tracker, progress=not args.quiet, overwrite=args.overwrite)
-        status = "FINISHED"
-    finally:
-        if tracker is not None:
-            tracker.finish(status)
+        result = fit(cfg, run_dir=run_dir, tracker=None if args.no_mlflow else open_tracker,
+                     progress=not args.quiet, overwrite=args.overwrite)
+    except BaseException as e:
+        for tracker in opened:
+            tracker.fail(e)
+        raise
+    tracker = opened[0] if opened else None
+    if tracker is not None:
+        tracker.finish("FINISHED")
     print(f"{cfg.run_name}: step {result.step}, target-val mIoU {100 * result.scores.miou:.2f} "
           f"({result.seconds:.0f} s); run directory {result.run_dir}")
     print(result.scores.format_table())
     if tracker is not None:
-        import mlflow
-
-        uri = args.tracking_uri or mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-        print(f"MLflow run {tracker.run_id}: open the UI with  mlflow ui --backend-store-uri {uri}")
+        print(f"MLflow run {tracker.run_id}: open the UI with  mlflow ui --backend-store-uri {tracker.tracking_uri}")
     return 0
 
 

@@ -97,18 +97,25 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
         (points); ``selection["label_free"]`` holds the same for each label-free criterion
         (``src/mIoU`` max, ``tgt/entropy`` min) logged on every row that has finished runs.
 
+    Side effect: RUNNING runs of the study whose owning process ran on this host and has ended
+    are first marked KILLED (:func:`uda_ray.tracking.reap_orphans`); runs owned by processes
+    of another host are left alone.
+
     Raises:
         UnknownStudy: no experiment or no study run named ``study`` in the store (a ValueError).
     """
-    import mlflow
+    from . import tracking
 
     name = study_name(study)
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = tracking.resolve_uri(tracking_uri)
     _check_sqlite_exists(uri, name)
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = tracking.mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "active":
         raise UnknownStudy(_unknown(name, uri, f"no MLflow experiment {name!r}"))
+    # Runs left RUNNING by a killed process of this host count as KILLED (failed), not as
+    # "not finished yet"; those of another host are left as they are.
+    tracking.reap_orphans(client, exp.experiment_id)
     parent = _find_parent(client, exp.experiment_id, name)
     if parent is None:
         raise UnknownStudy(_unknown(name, uri, f"experiment {name!r} has no study run (tag uda_ray.kind=study)"))

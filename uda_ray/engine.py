@@ -288,7 +288,10 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
         cfg: the validated config.
         run_dir: where checkpoints and artifacts go (default ``run.out/<run name>``); an
             existing ``checkpoints/last.pt`` there is resumed if it is of the same config.
-        tracker: receives params, tags, metrics and artifacts (rank 0 only).
+        tracker: receives params, tags, metrics and artifacts (rank 0 only); or a callable
+            ``tracker(run_dir) -> tracker``, called on rank 0 only once ``run_dir`` is claimed,
+            so that a refused run dir (another config, in use, diverged) opens no tracker run
+            and never touches the run that owns it.
         on_checkpoint: called with (checkpoint path, metrics) after each checkpoint (Ray
             Train reports through it).
         resume_from: a loaded checkpoint to resume instead of ``run_dir``'s.
@@ -310,6 +313,8 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
     if rank == 0:  # the one process that writes the run directory owns it
         lock, resume_from = claim_run_dir(run_dir, cfg, overwrite=overwrite, resume_state=resume_from)
     try:
+        if tracker is not None and not hasattr(tracker, "log_params"):  # a factory
+            tracker = tracker(run_dir) if rank == 0 else None
         return _fit(cfg, run_dir, tracker, progress, on_checkpoint, resume_from, stop_at)
     except NonFiniteLoss as e:
         if rank == 0:

@@ -14,7 +14,9 @@ switches), the seeds of every row and, optionally, a search space per row. Runni
 5. prints the comparison table (:mod:`uda_ray.compare`).
 
 A failed trial is recorded as FAILED and the other rows go on; running the study again
-skips every row x seed already FINISHED with the same config.
+skips every row x seed already FINISHED with the same config, and continues the child run of
+one that is not (FAILED, or KILLED with its driver) instead of adding another. Only one
+process runs a study of a given name at a time (a lock in ``<out>/<name>/``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import tracking
 from .checkpoint import config_hash
 from .config import build_config
 
@@ -153,28 +157,31 @@ def load_study(path: str | Path) -> Study:
     return study
 
 
+STUDY_LOCK = ".study.lock"  # in <out>/<study name>/: held by the one process running the study
+
+
 # --- MLflow bookkeeping (driver side) -------------------------------------------------------
 
 class StudyRecord:
     """The study's parent run and its child runs in MLflow."""
 
     def __init__(self, study: Study, name: str, tracking_uri: str | None):
-        import mlflow
-
-        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-        self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.tracking_uri = tracking.resolve_uri(tracking_uri)
+        self.client = tracking.mlflow_client(self.tracking_uri)
+        self.experiment_id = tracking.experiment_id(self.client, name)
         self.name = name
+        # runs left RUNNING by a killed driver of this study (on this host) are KILLED first
+        tracking.reap_orphans(self.client, self.experiment_id)
         parents = self.client.search_runs([self.experiment_id],
                                           filter_string=f"tags.`uda_ray.kind` = 'study' and tags.study = '{name}'",
                                           order_by=["attributes.start_time DESC"], max_results=1)
         if parents:
             self.parent_id = parents[0].info.run_id
-            self.client.update_run(self.parent_id, status="RUNNING")
+            tracking.reopen(self.client, self.parent_id)
         else:
-            self.parent_id = self.client.create_run(self.experiment_id, run_name=name,
-                                                    tags={"uda_ray.kind": "study", "study": name}).info.run_id
+            self.parent_id = self.client.create_run(
+                self.experiment_id, run_name=name,
+                tags={"uda_ray.kind": "study", "study": name, **tracking.owner_tags()}).info.run_id
         tags = {"rows": ",".join(r.name for r in study.rows), "baseline": study.baseline or "",
                 "objective": study.objective, "objective_mode": study.mode, "report_metric": "val/mIoU",
                 "seeds": ",".join(map(str, study.seeds))}
@@ -183,6 +190,15 @@ class StudyRecord:
                 tags[f"search_space.{r.name}"] = ""  # filled once the keys are known
         for k, v in tags.items():
             self.client.set_tag(self.parent_id, k, v)
+
+    @classmethod
+    def attach(cls, ctx: dict) -> "StudyRecord":
+        """The record of a running study, in one of its trial drivers (from the trials' ``ctx``)."""
+        self = cls.__new__(cls)
+        self.tracking_uri, self.experiment_id = ctx["tracking_uri"], ctx["experiment_id"]
+        self.name, self.parent_id = ctx["study"], ctx["parent_id"]
+        self.client = tracking.mlflow_client(self.tracking_uri)
+        return self
 
     def children(self, **tags) -> list:
         flt = [f"tags.mlflow.parentRunId = '{self.parent_id}'"]
@@ -195,6 +211,13 @@ class StudyRecord:
                 return run
         return None
 
+    def unfinished(self, row: str, seed: int, chash: str, search: str, trial: str):
+        """The latest child run of this row x seed (and search trial) and config that did not
+        finish (FAILED, or KILLED with its driver), to be continued rather than duplicated."""
+        runs = [r for r in self.children(row=row, seed=str(seed), search=search, trial=trial, config_hash=chash)
+                if r.info.status != "FINISHED"]
+        return max(runs, key=lambda r: r.info.start_time or 0, default=None)
+
     def finish(self) -> None:
         self.client.set_terminated(self.parent_id, "FINISHED")
 
@@ -205,8 +228,6 @@ def drive_trial(config: dict, ctx: dict) -> None:
     """A Tune trial: fit one row x seed (x sampled hyperparameters) with Ray Train and log
     one MLflow child run. The driver creates the run, so a restarted worker group logs
     into the same run; a failure marks it FAILED."""
-    import mlflow
-
     from . import distributed
 
     t = dict(config.get("trial") or {})
@@ -217,12 +238,21 @@ def drive_trial(config: dict, ctx: dict) -> None:
     flat = build_config(flat).flat()  # validates sampled values, naming the key
     search = "1" if sampled and not t else "0"
     tid = distributed.trial_id()
-    client = mlflow.MlflowClient(tracking_uri=ctx["tracking_uri"])
+    record = StudyRecord.attach(ctx)
     tags = {"mlflow.parentRunId": ctx["parent_id"], "uda_ray.kind": "row", "study": ctx["study"], "row": row,
             "seed": str(seed), "trial": tid if search == "1" else "", "search": search,
             "config_hash": config_hash(flat), **t.get("tags", {})}
     run_name = f"{row}-s{seed}" + (f"-{tid}" if search == "1" else "")
-    run_id = client.create_run(ctx["experiment_id"], run_name=run_name, tags=tags).info.run_id
+    client = record.client
+    earlier = record.unfinished(row, seed, tags["config_hash"], search, tags["trial"])
+    if earlier is not None:  # a re-run continues the row x seed's unfinished child run
+        run_id = earlier.info.run_id
+        tracking.reopen(client, run_id)
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+    else:
+        run_id = client.create_run(ctx["experiment_id"], run_name=run_name,
+                                   tags={**tags, **tracking.owner_tags()}).info.run_id
     run_dir = str(Path(ctx["out"]) / ctx["study"] / run_name)
     try:
         result = distributed.run_trainer(
@@ -237,7 +267,7 @@ def drive_trial(config: dict, ctx: dict) -> None:
             client.set_tag(run_id, "checkpoint", result.checkpoint.path)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as e:
-        client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4000])
+        client.set_tag(run_id, "error", tracking.error_text(e))
         client.set_terminated(run_id, "FAILED")
         raise
 
@@ -247,10 +277,28 @@ def drive_trial(config: dict, ctx: dict) -> None:
 def run_study(study: Study, *, smoke_test: bool = False, address: str | None = None,
               storage_path: str | None = None, tracking_uri: str | None = None,
               max_concurrent: int | None = None, out: str = "runs") -> int:
+    """Run ``study`` (see the module's docstring). Returns 0; 1 when a trial failed; 2 when
+    another process is running the study of the same name (it holds ``<out>/<name>/.study.lock``)."""
+    name = study.name + ("-smoke" if smoke_test else "")
+    lock = Path(out).resolve() / name / STUDY_LOCK
+    with tracking.file_lock(lock, blocking=False) as held:
+        if held is None:
+            holder = lock.read_text().strip() or "another process"
+            print(f"uda-ray: error: study {name} is already running ({holder} holds {lock}); "
+                  f"wait for it to end, or stop it, and run it again", file=sys.stderr)
+            return 2
+        held.truncate(0)
+        held.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        held.flush()
+        return _run_locked(study, name, smoke_test=smoke_test, address=address, storage_path=storage_path,
+                           tracking_uri=tracking_uri, max_concurrent=max_concurrent, out=out)
+
+
+def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | None, storage_path: str | None,
+                tracking_uri: str | None, max_concurrent: int | None, out: str) -> int:
     from . import distributed
     from .engine import ensure_data
 
-    name = study.name + ("-smoke" if smoke_test else "")
     seeds = study.seeds[:1] if smoke_test else study.seeds
     storage_path = storage_path or os.environ.get("UDA_RAY_STORAGE") or str(Path(out, "ray").resolve())
     if "://" not in storage_path:

@@ -1,35 +1,229 @@
 """MLflow tracking of a run: the flattened config as params, tags (method, switches, seed,
 dataset, git commit, version), metrics by step and artifacts. ``mlflow`` is imported here
-only, so the engine runs without it (e.g. on a GPU box that has only PyTorch)."""
+only, so the engine runs without it (e.g. on a GPU box that has only PyTorch); the study
+runner and ``compare`` open their clients through :func:`mlflow_client`.
+
+Bookkeeping that keeps a row what it says it is:
+
+* a new SQLite store is created once, under a file lock beside it (two processes that create
+  one at once race in its schema migration and leave it unusable);
+* every run that uda-ray creates is tagged with its owning process (host, pid, process start
+  time), and :func:`reap_orphans` marks KILLED the RUNNING runs whose process has died;
+* ``uda-ray train`` records its run in ``RUN_DIR/mlflow_run.json``, so that resuming the run
+  directory continues the same MLflow run (:meth:`MlflowTracker.for_run_dir`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+import socket
 from pathlib import Path
+
+# MLflow 3 sends usage telemetry (a DNS query to its telemetry host on every tracked run).
+# Off unless the user sets MLFLOW_DISABLE_TELEMETRY=false; set before mlflow is imported.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+RUN_RECORD = "mlflow_run.json"  # in a run directory: the MLflow run that `uda-ray train` logs into
+HOST_TAG, PID_TAG, PID_START_TAG = "uda_ray.host", "uda_ray.pid", "uda_ray.pid_start"
+_READY: set[str] = set()  # tracking URIs whose store this process has already opened
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, blocking: bool = True):
+    """An exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block. Yields
+    the open lock file, or None when ``blocking`` is False and another process holds it.
+    The lock goes with the process: a killed holder leaves no stale lock behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """``uri``, or MLflow's default (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``)."""
+    import mlflow
+
+    return uri or mlflow.get_tracking_uri()
+
+
+def mlflow_client(uri: str | None = None):
+    """An ``MlflowClient`` on ``uri`` (None: MLflow's default). A SQLite store is opened the
+    first time under an exclusive lock on ``<db file>.lock``: the first process creates the
+    schema, the others wait for it instead of migrating the same file at once."""
+    import mlflow
+
+    uri = resolve_uri(uri)
+    db = _sqlite_file(uri)
+    if db is None or uri in _READY:
+        return mlflow.MlflowClient(tracking_uri=uri)
+    with file_lock(db.with_name(db.name + ".lock")):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates or upgrades the schema, under the lock
+    _READY.add(uri)
+    return client
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(name)
+
+
+def error_text(e: BaseException) -> str:
+    """The ``error`` tag of a FAILED run: ``ExceptionType: message``."""
+    return f"{type(e).__name__}: {e}"[:4000]
+
+
+# --- owning processes -----------------------------------------------------------------------
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of a process, None if it does not exist;
+    raises OSError where there is no /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    return fields[0], fields[19]  # state (field 3), starttime (field 22)
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process as a run's owner: host, pid and the process's start time, so
+    that a later process that reuses the pid is not taken for the owner."""
+    try:
+        stat = _proc_stat(os.getpid())
+    except OSError:
+        stat = None
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: stat[1] if stat else ""}
+
+
+def owner_alive(tags: dict) -> bool:
+    """Whether the process named by a run's owner tags still runs. Only answerable on the
+    owner's host: a run of another host, or without owner tags, counts as alive."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return True
+    pid = int(tags[PID_TAG])
+    try:
+        stat = _proc_stat(pid)
+    except OSError:  # no /proc (macOS): signal 0 tells whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    if stat is None or stat[0] in ("Z", "X"):  # gone, or a zombie nobody has reaped yet
+        return False
+    return not tags.get(PID_START_TAG) or tags[PID_START_TAG] == stat[1]
+
+
+def reap_orphans(client, experiment_id: str) -> list[str]:
+    """Mark KILLED, with an ``error`` tag that says why, every RUNNING run of the experiment
+    whose owning process was on this host and has ended (a ``kill -9``, a lost study driver).
+    Runs owned by another host are left alone: whether their process lives cannot be seen
+    from here (run ``compare`` or the next study on that host). Returns the run ids marked."""
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], max_results=5000,
+                              filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
+    killed = []
+    for run in runs:
+        tags = run.data.tags
+        if owner_alive(tags):
+            continue
+        client.set_tag(run.info.run_id, "error",
+                       f"killed: its process (pid {tags[PID_TAG]} on {host}) ended while the run was RUNNING; "
+                       f"marked KILLED by pid {os.getpid()}")
+        client.set_terminated(run.info.run_id, "KILLED")
+        killed.append(run.info.run_id)
+    return killed
+
+
+def reopen(client, run_id: str) -> None:
+    """Continue an unfinished run in this process: RUNNING again, owned by this process,
+    without the ``error`` tag of its interruption."""
+    if "error" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "error")
+    for k, v in owner_tags().items():
+        client.set_tag(run_id, k, v)
+    client.update_run(run_id, status="RUNNING")
 
 
 class MlflowTracker:
     """One MLflow run. ``tracking_uri`` None keeps MLflow's own default (``sqlite:///mlflow.db``
-    in the working directory); point it at a server with ``http://host:5000``."""
+    in the working directory); point it at a server with ``http://host:5000``. A new run is
+    owned by this process (:func:`owner_tags`); ``run_id`` logs into an existing run (a Ray
+    Train worker into its trial driver's run), ``reopen`` also continues it (:func:`reopen`)."""
 
     def __init__(self, *, experiment: str = "uda-ray", run_name: str | None = None,
                  tracking_uri: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
-                 tags: dict | None = None):
+                 tags: dict | None = None, reopen_run: bool = False):
         import mlflow
 
         self._mlflow = mlflow
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        self.client = mlflow.MlflowClient()
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
+        self.tracking_uri = resolve_uri(tracking_uri)
+        self.client = mlflow_client(self.tracking_uri)
+        self.experiment_id = experiment_id(self.client, experiment)
         if run_id is None:
-            all_tags = dict(tags or {})
+            all_tags = {**owner_tags(), **(tags or {})}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             if run_name:
                 all_tags["mlflow.runName"] = run_name
-            run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+            run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        elif reopen_run:
+            reopen(self.client, run_id)
         self.run_id = run_id
+
+    @classmethod
+    def for_run_dir(cls, run_dir: str | Path, *, experiment: str = "uda-ray", run_name: str | None = None,
+                    tracking_uri: str | None = None) -> "MlflowTracker":
+        """The tracker of ``uda-ray train`` on ``run_dir``. First marks KILLED the orphaned runs
+        of the experiment (:func:`reap_orphans`). If ``run_dir/mlflow_run.json`` names a run of
+        this tracking URI and experiment, continues that run, so that a resumed run directory
+        stays one MLflow run; otherwise starts a run and records it there.
+
+        Raises:
+            ConfigError: the recorded run is still RUNNING under a live process (or one of
+                another host), or the record is not readable.
+        """
+        from .config import ConfigError
+
+        uri = resolve_uri(tracking_uri)
+        client = mlflow_client(uri)
+        exp_id = experiment_id(client, experiment)
+        reap_orphans(client, exp_id)
+        record = Path(run_dir) / RUN_RECORD
+        run = _recorded_run(client, record, uri, exp_id)
+        if run is not None and run.info.status == "RUNNING":
+            t = run.data.tags
+            raise ConfigError(f"{record}: its MLflow run {run.info.run_id} is still RUNNING (pid {t.get(PID_TAG, '?')} "
+                              f"on {t.get(HOST_TAG, '?')}); wait for that process to end, or stop it, and resume again")
+        tracker = cls(experiment=experiment, run_name=run_name, tracking_uri=uri,
+                      run_id=run.info.run_id if run else None, reopen_run=run is not None)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri, "experiment": experiment}) + "\n")
+        os.replace(tmp, record)  # never a half-written record
+        return tracker
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -61,6 +255,36 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def fail(self, e: BaseException) -> None:
+        """End the run on an exception: the ``error`` tag, then FAILED (KILLED on Ctrl-C)."""
+        self.set_tags({"error": error_text(e)})
+        self.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+
+
+def _recorded_run(client, record: Path, uri: str, exp_id: str):
+    """The run that ``record`` names, if it is of this tracking URI and experiment and exists."""
+    from mlflow.exceptions import MlflowException
+
+    from .config import ConfigError
+
+    if not record.is_file():
+        return None
+    try:
+        saved = json.loads(record.read_text())
+        run_id, saved_uri = saved["run_id"], saved["tracking_uri"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{record}: expected JSON with run_id and tracking_uri (written by uda-ray train); "
+                          f"delete it to start a new MLflow run") from None
+    if saved_uri != uri:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:  # deleted, or another store at the same URI
+        return None
+    if run.info.experiment_id != exp_id or run.info.lifecycle_stage != "active":
+        return None
+    return run
 
 
 def _metric_key(k: str) -> str:
