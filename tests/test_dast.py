@@ -175,3 +175,19 @@ def test_every_study_switch_combination_is_smoke_tested():
     tested = {tuple(build_config(v, method="dast").flat()[k] for k in DAST_SWITCHES) for v in ROWS.values()}
     missing = study_switches("dast", DAST_SWITCHES) - tested
     assert not missing, f"study rows with switches {DAST_SWITCHES} not covered by ROWS: {missing}"
+
+
+def test_table3_baseline_is_adaptsegnet_at_its_output_space_weight():
+    """The paper's Table 3 baseline is AdaptSegNet: the corrector alone, BCE, at AdaptSegNet's
+    output-space weight 0.001; the DAST rows run at the paper's lambda_c = 0.01."""
+    from pathlib import Path
+
+    from uda_ray.study import load_study
+
+    study = load_study(Path(__file__).resolve().parents[1] / "studies" / "dast_table3.py")
+    rows = {r.name: study.flat(r, 0) for r in study.rows if r.method == "dast"}
+    base = rows.pop("baseline")
+    assert (base["dast.mse"], base["dast.two_disc"], base["dast.attention"]) == (False, False, False)
+    assert base["dast.lambda_c"] == 0.001
+    for name in ("mse", "mse_2d", "da"):
+        assert rows[name]["dast.lambda_c"] == 0.01, name
