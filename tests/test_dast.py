@@ -191,3 +191,18 @@ def test_table3_baseline_is_adaptsegnet_at_its_output_space_weight():
     assert base["dast.lambda_c"] == 0.001
     for name in ("mse", "mse_2d", "da"):
         assert rows[name]["dast.lambda_c"] == 0.01, name
+
+
+def test_class_balanced_pseudo_labels_cap_thresholds_as_the_release(data_root, tmp_path):
+    """dast.pseudo=class_balanced caps the class thresholds at 0.9 as the release does (a
+    knob: 1 turns it off); the global policy has no cap."""
+    from uda_ray.proxy import ProxyPolicy
+
+    policies = []
+    for values in ({"dast.pseudo": "class_balanced"}, {"dast.pseudo": "class_balanced", "dast.max_threshold": 1.0},
+                   {"dast.pseudo": "global"}):
+        m = _method(data_root, tmp_path, **{"dast.self_training": True, **values})
+        policies.append(m.policy())
+    assert [p.max_threshold for p in policies] == [0.9, 1.0, None]
+    assert [p.threshold_cap() for p in policies] == [pytest.approx(math.log(9)), math.inf, math.inf]
+    assert isinstance(policies[0], ProxyPolicy) and policies[0].kind == "class_balanced"

@@ -123,6 +123,26 @@ def test_class_balanced_thresholds_per_predicted_class():
     assert label_map(log_probs, None, policy, th)[0, 0].tolist() == [0, 0, IGNORE, IGNORE, 1]
 
 
+def test_class_balanced_threshold_cap_as_the_release():
+    """BDL's and DAST's release cap class thresholds at 0.9: on saturated predictions every
+    pixel above 0.9 is kept. Class 0 probabilities 0.8 .. 0.99; the top half alone is t_0 =
+    0.95 (3 of 6 kept); capped at 0.9 (a logit of log 9), 0.92 is kept too (4 of 6)."""
+    p = torch.tensor([0.8, 0.85, 0.92, 0.95, 0.97, 0.99])
+    log_probs = _probs(torch.log(p / (1 - p)).tolist())
+    expected = {None: [IGNORE, IGNORE, IGNORE, 0, 0, 0], 0.9: [IGNORE, IGNORE, 0, 0, 0, 0],
+                0.99: [IGNORE, IGNORE, IGNORE, 0, 0, 0], 1.0: [IGNORE, IGNORE, IGNORE, 0, 0, 0]}
+    for cap, labels in expected.items():
+        policy = ProxyPolicy("class_balanced", portion=0.5, max_threshold=cap)
+        th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, None), policy, 2, torch.device("cpu"))
+        assert label_map(log_probs, None, policy, th)[0, 0].tolist() == labels, cap
+        if cap == 0.9:
+            assert th.t_class[0].item() == pytest.approx(math.log(9))
+    with pytest.raises(ValueError, match="max_threshold"):
+        ProxyPolicy("global", max_threshold=0.9)
+    with pytest.raises(ValueError, match="max_threshold"):
+        ProxyPolicy("class_balanced", max_threshold=0.0)
+
+
 def test_global_top_portion():
     log_probs = _probs([3.5, 2.5, 1.5, 0.5, -0.5])  # confidence logits 3.5 2.5 1.5 0.5 0.5
     policy = ProxyPolicy("global", portion=0.4, bins=100)

@@ -29,7 +29,10 @@ Policies (``ProxyPolicy.kind``):
   probability) keep their argmax; DAST's top-q selection.
 - ``class_balanced``: CBST (Zou et al., ECCV 2018). For each class c, t_c is the
   confidence at the top ``portion`` of the pixels *predicted* as c; a pixel takes
-  ``argmax_c P_c / t_c`` where that ratio is at least 1.
+  ``argmax_c P_c / t_c`` where that ratio is at least 1. ``max_threshold`` (a probability,
+  None = no cap) caps every t_c, as BDL's release (and DAST's, built on it) does at 0.9
+  (``thres[thres > 0.9] = 0.9``): on saturated predictions every pixel above the cap is
+  kept, more than ``portion``.
 - ``adversarial``: MAT's confidence refocusing (Shen et al., Eq. 5). t1 is the threshold
   of the top ``portion`` (p1) of the adversarial confidence A over the whole set; t2 is
   the class-balanced threshold vector of ``portion2`` (p2) computed only over pixels with
@@ -148,6 +151,7 @@ class ProxyPolicy:
     portion: float = 0.5  # global / class_balanced: the top portion kept; adversarial: p1
     portion2: float = 1.0  # adversarial only: p2, class-balanced portion among A > t1
     bins: int = 4096  # per histogram, over logits [-LOGIT_RANGE, LOGIT_RANGE]
+    max_threshold: float | None = None  # class_balanced only: cap on each t_c, a probability (None: no cap)
 
     def requested(self) -> float:
         """The portion of pixels the policy asks for (adversarial: about p1 * p2)."""
@@ -160,6 +164,16 @@ class ProxyPolicy:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"proxy policy {name} must be in [0, 1], got {v}")
+        if self.max_threshold is not None:
+            if self.kind != "class_balanced":
+                raise ValueError(f"proxy policy max_threshold applies to class_balanced only, not {self.kind!r}")
+            if not 0.0 < self.max_threshold <= 1.0:
+                raise ValueError(f"proxy policy max_threshold must be in (0, 1], got {self.max_threshold}")
+
+    def threshold_cap(self) -> float:
+        """``max_threshold`` as a logit (thresholds are logits): ``inf`` without a cap."""
+        p = self.max_threshold
+        return math.inf if p is None or p >= 1.0 else math.log(p) - math.log1p(-p)
 
 
 @dataclass
@@ -226,6 +240,7 @@ def compute_thresholds(batches: Callable[[], object], score_fn: ScoreFn, policy:
         th.t = hist.top_threshold(policy.portion)
     else:
         th.t_class = hist.top_threshold(policy.portion if policy.kind == "class_balanced" else policy.portion2)
+        th.t_class = th.t_class.clamp(max=policy.threshold_cap())  # the release's cap (inf: none)
     return th
 
 
