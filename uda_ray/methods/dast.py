@@ -73,7 +73,6 @@ class DASTConfig:
                                      "1 = no cap)", lo=0.0, hi=1.0, lo_open=True)
     ndf: int = knob(64, "corrector width (paper 64: 64-128-256-512-1)", lo=1)
     d_width: int = knob(256, "discoverer width (paper 256: 256-128-64-1, 3x3, stride 1)", lo=4)
-    bins: int = knob(2048, "histogram bins of the streaming pseudo-label threshold, over logits in [-50, 50]", lo=16)
 
 
 class DAST(Method):
@@ -212,7 +211,7 @@ class DAST(Method):
         """The pseudo-label policy: the top q, globally or per predicted class (with the
         release's cap on the class thresholds)."""
         p = self.p
-        return ProxyPolicy(p.pseudo, portion=p.q, bins=p.bins,
+        return ProxyPolicy(p.pseudo, portion=p.q,
                            max_threshold=p.max_threshold if p.pseudo == "class_balanced" else None)
 
     def _score(self, gen):
