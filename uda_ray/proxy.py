@@ -26,7 +26,9 @@ portion, more only by exact ties of equal float32 scores (e.g. an untrained mode
 near-constant confidences, or probabilities of exactly 1), which a generation warns
 about; ``proxy/refocused_frac`` (A >= t1) and ``proxy/kept_frac`` are logged beside
 ``proxy/requested_frac``. (Equal-width histograms over logits, as before, kept up to 3.2
-points more than asked on diffuse confidences at 2048 bins.)
+points more than asked on diffuse confidences at 2048 bins. Refining inside such a logit
+bin is not one pass in general: the bin at 0 spans about 2**30 float32 values; the radix
+digits bound every bucket to 2**16 values, so one refinement pass is always exact.)
 
 Passes over the target set (each reruns the network): 2 for the threshold(s) of
 ``global`` and ``class_balanced`` (every class's threshold in the same two passes), 4 for
@@ -50,7 +52,8 @@ Policies (``ProxyPolicy.kind``):
 
 A threshold is the score of the last pixel kept, so ties at a threshold are kept (``>=``,
 where Eq. 5 writes ``>``): the kept set is the requested portion (rounded up to a whole
-pixel), more only by exact ties.
+pixel), more only by exact ties, and for class-balanced labels by the pixels that the cap
+admits or that CBST's ratio admits through another class's threshold.
 
 A score function returns, per batch of images, the log-probabilities (N, C, H, W) at the
 network input size (logits upsampled bilinearly, ``align_corners=True``, then the log-
