@@ -16,9 +16,10 @@ Rows:
 | dast_q60 | the same, q = 60% | 48.7 |
 
 ``dast_q50_class`` takes the pseudo labels the way the released code (built on BDL's) does,
-the top q of the pixels of each predicted class, instead of the paper's text (the top q of
-all pixels): a global threshold lets the classes the model is most confident about take
-most of the labels.
+the top q of the pixels of each predicted class with each class's threshold capped at a
+probability of 0.9 (``dast.max_threshold``, the release's cap), instead of the paper's
+text (the top q of all pixels): a global threshold lets the classes the model is most
+confident about take most of the labels.
 
 Self-training follows Algorithm 1: each of the K = 3 rounds (100 iterations each here)
 starts by labelling the top q of the target pixels with the current model (the shared
@@ -43,7 +44,7 @@ STUDY = Study(
         Row("da", "dast", init_from="source_only", set={"run.iterations": 300}),
         Row("da_longer", "dast", init_from="da", set={"run.iterations": 300}),
         *(Row(f"dast_q{round(q * 100)}", "dast", init_from="da", set={**ST, "dast.q": q}) for q in (0.4, 0.5, 0.6)),
-        # the released code's pseudo labels (BDL's): the top q of each predicted class
+        # the released code's pseudo labels (BDL's): the top q of each predicted class, capped at 0.9
         Row("dast_q50_class", "dast", init_from="da", set={**ST, "dast.q": 0.5, "dast.pseudo": "class_balanced"}),
     ],
     seeds=(0, 1, 2),

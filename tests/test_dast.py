@@ -176,3 +176,34 @@ def test_every_study_switch_combination_is_smoke_tested():
     tested = {tuple(build_config(v, method="dast").flat()[k] for k in DAST_SWITCHES) for v in ROWS.values()}
     missing = study_switches("dast", DAST_SWITCHES) - tested
     assert not missing, f"study rows with switches {DAST_SWITCHES} not covered by ROWS: {missing}"
+
+
+def test_table3_baseline_is_adaptsegnet_at_its_output_space_weight():
+    """The paper's Table 3 baseline is AdaptSegNet: the corrector alone, BCE, at AdaptSegNet's
+    output-space weight 0.001; the DAST rows run at the paper's lambda_c = 0.01."""
+    from pathlib import Path
+
+    from uda_ray.study import load_study
+
+    study = load_study(Path(__file__).resolve().parents[1] / "studies" / "dast_table3.py")
+    rows = {r.name: study.flat(r, 0) for r in study.rows if r.method == "dast"}
+    base = rows.pop("baseline")
+    assert (base["dast.mse"], base["dast.two_disc"], base["dast.attention"]) == (False, False, False)
+    assert base["dast.lambda_c"] == 0.001
+    for name in ("mse", "mse_2d", "da"):
+        assert rows[name]["dast.lambda_c"] == 0.01, name
+
+
+def test_class_balanced_pseudo_labels_cap_thresholds_as_the_release(data_root, tmp_path):
+    """dast.pseudo=class_balanced caps the class thresholds at 0.9 as the release does (a
+    knob: 1 turns it off); the global policy has no cap."""
+    from uda_ray.proxy import ProxyPolicy
+
+    policies = []
+    for values in ({"dast.pseudo": "class_balanced"}, {"dast.pseudo": "class_balanced", "dast.max_threshold": 1.0},
+                   {"dast.pseudo": "global"}):
+        m = _method(data_root, tmp_path, **{"dast.self_training": True, **values})
+        policies.append(m.policy())
+    assert [p.max_threshold for p in policies] == [0.9, 1.0, None]
+    assert [p.threshold_cap() for p in policies] == [pytest.approx(math.log(9)), math.inf, math.inf]
+    assert isinstance(policies[0], ProxyPolicy) and policies[0].kind == "class_balanced"

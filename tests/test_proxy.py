@@ -10,45 +10,60 @@ import torch
 
 from uda_ray.proxy import (
     IGNORE,
-    Histogram,
     ProxyLabelled,
     ProxyPolicy,
     ProxyStats,
     Thresholds,
+    TopSelect,
     adversarial_confidence_logit,
     compute_thresholds,
+    confidence,
     generate,
     is_complete,
     label_map,
     logit_from_log,
+    order_key,
     proxy_path,
 )
 
 
-@pytest.mark.parametrize("portion", [0.01, 0.2, 0.5, 0.8, 1.0])
-def test_histogram_threshold_is_within_one_bin_of_numpy_percentile(portion):
+def _kth_largest(values, portion):
+    """The reference: the k-th largest value, k = ceil(portion * n), by torch.topk."""
+    k = math.ceil(round(portion * len(values), 9))
+    return values.topk(k).values[-1].item() if k else math.inf
+
+
+@pytest.mark.parametrize("portion", [0.0, 0.01, 0.2, 0.3, 0.5, 0.8, 1.0])
+def test_thresholds_are_the_exact_kth_largest_score(portion):
     g = torch.Generator().manual_seed(0)
-    # logits of skewed confidences: plain, saturated near 1 and saturated near 0
+    # logits of skewed confidences: plain, saturated near 1 and saturated near 0, diffuse
+    # (within 0.05 of 0: one bin of the former 2048-bin histograms held them all)
     values = torch.cat([torch.randn(20_000, generator=g) * 3, 12 + torch.randn(15_000, generator=g),
-                        -14 + torch.randn(15_000, generator=g)])
-    cls = torch.randint(0, 3, (50_000,), generator=g)
-    h = Histogram(3, bins=512)
-    for chunk in range(0, 50_000, 7_000):  # streamed in pieces
-        h.add(values[chunk:chunk + 7_000], cls[chunk:chunk + 7_000])
-    t = h.top_threshold(portion)
+                        -14 + torch.randn(15_000, generator=g), 0.02 * torch.randn(10_000, generator=g)])
+    cls = torch.randint(0, 4, (60_000,), generator=g)
+    cls[cls == 3] = 2  # class 3 never seen
+    sel = TopSelect(4, portion=portion)
+    passes = 0
+    while not sel.done:
+        for chunk in range(0, 60_000, 7_000):  # streamed in pieces
+            sel.add(values[chunk:chunk + 7_000], cls[chunk:chunk + 7_000])
+        sel.end_pass()
+        passes += 1
+    t = sel.thresholds()
+    assert passes == (1 if portion == 0 else 2)
     for c in range(3):
-        ref = np.percentile(values[cls == c].numpy(), 100 * (1 - portion))
-        kept = (values[cls == c] >= t[c]).float().mean().item()
-        assert kept >= portion - 1e-9  # at least the portion is kept
-        assert abs(float(t[c]) - ref) <= h.width, (c, float(t[c]), ref)
+        v = values[cls == c]
+        assert t[c].item() == _kth_largest(v, portion), c
+        if portion:
+            assert (v >= t[c]).sum().item() == math.ceil(round(portion * len(v), 9))  # no ties here
+    assert math.isinf(t[3].item())  # class 3 never seen: select nothing
 
 
-def test_histogram_edge_cases():
-    h = Histogram(2, bins=10, lo=0.0, hi=1.0)
-    h.add(torch.tensor([0.55, 0.95]), torch.tensor([0, 0]))
-    t = h.top_threshold(0.5)
-    assert t[0].item() == pytest.approx(0.9) and math.isinf(t[1].item())  # class 1 never seen
-    assert math.isinf(h.top_threshold(0.0)[0].item())  # portion 0 selects nothing
+def test_order_key_sorts_as_the_floats():
+    x = torch.tensor([-math.inf, -3e38, -1.5, -1e-45, -0.0, 0.0, 1e-45, 1.0, 1.0000001, 3e38, math.inf])
+    k = order_key(x)
+    assert (k[1:] >= k[:-1]).all() and k[4] == k[5] and (k.diff() > 0).sum() == len(x) - 2
+    assert k.min() >= 0 and k.max() < 2**32
 
 
 def test_logit_scores_are_stable_at_saturation():
@@ -78,24 +93,63 @@ def test_saturated_adversarial_confidence_keeps_the_requested_portion():
     assert ProxyStats(thresholds=th).metrics()["proxy/t1"] < 1e-8  # logged as a probability
 
 
+@pytest.mark.parametrize("kind", ["global", "class_balanced", "adversarial"])
+@pytest.mark.parametrize("scale", [0.5, 12.0])
+def test_each_thresholded_step_keeps_exactly_its_portion(kind, scale):
+    """Diffuse scores (scale 0.5: max-probabilities near 0.3, A near 0.5: logits within a
+    few 0.05-wide bins, where 2048-bin histograms kept 52.6% for 50%) and saturated ones
+    (scale 12): each thresholded step keeps exactly ceil(portion * n) pixels, its threshold
+    the k-th largest score (torch.topk), streamed over 5 images of 10,000 pixels."""
+    g = torch.Generator().manual_seed(1)
+    n, m = 50_000, 10_000
+    log_probs = torch.log_softmax(scale * torch.randn(1, 5, 1, n, generator=g), dim=1)
+    conf = (0.3 if scale < 1 else 3) * torch.randn(1, 1, n, generator=g) - (0 if scale < 1 else 25)
+    policy = ProxyPolicy(kind, portion=0.37, portion2=0.61 if kind == "adversarial" else 1.0)
+    image = lambda i: (log_probs[..., i * m:(i + 1) * m], conf[..., i * m:(i + 1) * m])  # noqa: E731
+    th = compute_thresholds(lambda: iter(range(n // m)), image, policy, 5, torch.device("cpu"))
+    labels = torch.cat([label_map(*image(i), policy, th) for i in range(n // m)], dim=-1).flatten()
+    score, pred = (x.flatten() for x in confidence(log_probs))
+    a = conf.flatten()
+    if kind == "global":
+        assert th.t.item() == _kth_largest(score, 0.37)
+        assert (labels != IGNORE).sum().item() == math.ceil(0.37 * n)  # 18,500 of 50,000
+        return
+    region = torch.ones(n, dtype=torch.bool)
+    if kind == "adversarial":
+        assert th.t1 == _kth_largest(a, 0.37)
+        region = a >= th.t1
+        assert region.sum().item() == math.ceil(0.37 * n)  # the p1 step
+        assert ((labels != IGNORE) & ~region).sum().item() == 0
+    portion = policy.portion if kind == "class_balanced" else policy.portion2
+    own = 0
+    for c in range(5):
+        v = score[region & (pred == c)]
+        assert th.t_class[c].item() == _kth_largest(v, portion), c
+        assert (v >= th.t_class[c]).sum().item() == math.ceil(round(portion * len(v), 9)), c
+        own += math.ceil(round(portion * len(v), 9))
+    # every pixel at or above its own class's threshold is kept; CBST's ratio may also keep a
+    # pixel through another class l with P_l >= t_l (t_l below 0.5 only: diffuse scores)
+    kept = (labels != IGNORE).sum().item()
+    assert kept == own if th.t_class.min() >= 0 else kept >= own
+
+
 def _probs(x):
     """Log-probabilities of 2 classes with logit(p_0) = x: (1, 2, 1, W)."""
     x = torch.tensor(x, dtype=torch.float32)
     return torch.stack([torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)])[None, :, None, :]
 
 
-# Hand-checked cases: 100 bins over logits [-50, 50] are 1 wide, so thresholds are integers.
+# Hand-checked cases: a threshold is the score of the last pixel kept.
 
 def test_mat_t1_t2_and_eq5_by_hand():
     # 4 pixels, all predicting class 0, with logit(P_0) = 3.5, 1.5, 2.5, 4.5 and logit(A) =
-    # 3.5, 2.5, -1.5, -3.5. p1 = 0.5 keeps the top half of A: t1 = 2 (the lower edge of
-    # 2.5's bin), i.e. pixels 0 and 1.
+    # 3.5, 2.5, -1.5, -3.5. p1 = 0.5 keeps the top half of A: t1 = 2.5, i.e. pixels 0 and 1.
     log_probs = _probs([3.5, 1.5, 2.5, 4.5])
     conf = torch.tensor([[[3.5, 2.5, -1.5, -3.5]]])
-    for p2, t2_0, expected in [(0.5, 3.0, [0, IGNORE, IGNORE, IGNORE]), (1.0, 1.0, [0, 0, IGNORE, IGNORE])]:
-        policy = ProxyPolicy("adversarial", portion=0.5, portion2=p2, bins=100)
+    for p2, t2_0, expected in [(0.5, 3.5, [0, IGNORE, IGNORE, IGNORE]), (1.0, 1.5, [0, 0, IGNORE, IGNORE])]:
+        policy = ProxyPolicy("adversarial", portion=0.5, portion2=p2)
         th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, conf), policy, 2, torch.device("cpu"))
-        assert th.t1 == pytest.approx(2.0)
+        assert th.t1 == pytest.approx(2.5)
         # t2 among pixels with A >= t1 only: class 0 scores {3.5, 1.5}; class 1 never predicted
         assert th.t_class[0].item() == pytest.approx(t2_0) and math.isinf(th.t_class[1].item())
         # pixel 3 (the most confident) and pixel 2 are dropped by the adversarial confidence
@@ -114,20 +168,41 @@ def test_class_balanced_labels_take_the_argmax_of_the_ratio():
 
 def test_class_balanced_thresholds_per_predicted_class():
     # logit(P_0) = 3.5, 2.5, 1.5, 0.5 predict class 0; pixel 4 (logit(P_0) = -0.5) predicts
-    # class 1 with confidence logit 0.5. Top half per class: t_0 = 2, t_1 = 0 (P = 0.5).
+    # class 1 with confidence logit 0.5. Top half per class (rounded up to whole pixels):
+    # t_0 = 2.5 (2 of 4), t_1 = 0.5 (1 of 1).
     log_probs = _probs([3.5, 2.5, 1.5, 0.5, -0.5])
-    policy = ProxyPolicy("class_balanced", portion=0.5, bins=100)
+    policy = ProxyPolicy("class_balanced", portion=0.5)
     th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, None), policy, 2, torch.device("cpu"))
-    assert th.t_class.tolist() == pytest.approx([2.0, 0.0])
-    # pixel 4: P_1 / sigmoid(0) = 0.62 / 0.5 >= 1 -> class 1; pixels 2, 3 below both
+    assert th.t_class.tolist() == pytest.approx([2.5, 0.5])
+    # pixel 4: P_1 = sigmoid(0.5) >= t_1 -> class 1; pixels 2, 3 below both
     assert label_map(log_probs, None, policy, th)[0, 0].tolist() == [0, 0, IGNORE, IGNORE, 1]
+
+
+def test_class_balanced_threshold_cap_as_the_release():
+    """BDL's and DAST's release cap class thresholds at 0.9: on saturated predictions every
+    pixel above 0.9 is kept. Class 0 probabilities 0.8 .. 0.99; the top half alone is t_0 =
+    0.95 (3 of 6 kept); capped at 0.9 (a logit of log 9), 0.92 is kept too (4 of 6)."""
+    p = torch.tensor([0.8, 0.85, 0.92, 0.95, 0.97, 0.99])
+    log_probs = _probs(torch.log(p / (1 - p)).tolist())
+    expected = {None: [IGNORE, IGNORE, IGNORE, 0, 0, 0], 0.9: [IGNORE, IGNORE, 0, 0, 0, 0],
+                0.99: [IGNORE, IGNORE, IGNORE, 0, 0, 0], 1.0: [IGNORE, IGNORE, IGNORE, 0, 0, 0]}
+    for cap, labels in expected.items():
+        policy = ProxyPolicy("class_balanced", portion=0.5, max_threshold=cap)
+        th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, None), policy, 2, torch.device("cpu"))
+        assert label_map(log_probs, None, policy, th)[0, 0].tolist() == labels, cap
+        if cap == 0.9:
+            assert th.t_class[0].item() == pytest.approx(math.log(9))
+    with pytest.raises(ValueError, match="max_threshold"):
+        ProxyPolicy("global", max_threshold=0.9)
+    with pytest.raises(ValueError, match="max_threshold"):
+        ProxyPolicy("class_balanced", max_threshold=0.0)
 
 
 def test_global_top_portion():
     log_probs = _probs([3.5, 2.5, 1.5, 0.5, -0.5])  # confidence logits 3.5 2.5 1.5 0.5 0.5
-    policy = ProxyPolicy("global", portion=0.4, bins=100)
+    policy = ProxyPolicy("global", portion=0.4)
     th = compute_thresholds(lambda: iter([None]), lambda _: (log_probs, None), policy, 2, torch.device("cpu"))
-    assert th.t.item() == pytest.approx(2.0)  # the top 40%: 3.5 and 2.5
+    assert th.t.item() == pytest.approx(2.5)  # the top 40%: 3.5 and 2.5
     assert label_map(log_probs, None, policy, th)[0, 0].tolist() == [0, 0, IGNORE, IGNORE, IGNORE]
 
 

@@ -128,7 +128,7 @@ def volume_scores(num_classes: int, width: int, height: int, device, *, stride: 
 
 
 def bench_proxy(*, images: int, width: int, height: int, num_classes: int = 19, kind: str = "adversarial",
-                portion: float = 0.6, portion2: float = 0.8, bins: int = 4096, out_dir: str | None = None,
+                portion: float = 0.6, portion2: float = 0.8, out_dir: str | None = None,
                 device: str = "auto") -> dict:
     """Time one proxy-label generation (the histogram passes and the labelling pass that
     writes one PNG per image) over a synthetic score volume of ``images x classes x height
@@ -138,10 +138,10 @@ def bench_proxy(*, images: int, width: int, height: int, num_classes: int = 19, 
     import tempfile
 
     from .engine import resolve_device
-    from .proxy import ProxyPolicy, generate
+    from .proxy import ProxyPolicy, generate, stats_passes
 
     dev = resolve_device(device)
-    policy = ProxyPolicy(kind, portion=portion, portion2=portion2, bins=bins)
+    policy = ProxyPolicy(kind, portion=portion, portion2=portion2)
     score = volume_scores(num_classes, width, height, dev)
     ds = ScoreVolume(images)
     to_device = lambda b: b  # noqa: E731  (indices stay on the host; scores are made on dev)
@@ -155,7 +155,7 @@ def bench_proxy(*, images: int, width: int, height: int, num_classes: int = 19, 
     with tempfile.TemporaryDirectory() as tmp:
         stats = generate(ds, score, policy, out_dir or tmp, num_classes=num_classes, device=dev,
                          to_device=to_device, progress=True)
-    passes = 3 if kind == "adversarial" else 2
+    passes = stats_passes(policy) + 1  # the threshold passes and the labelling pass
     return {"device": str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
             "policy": kind, "images": images, "size": f"{width}x{height}", "classes": num_classes,
             "passes": passes, "seconds_total": stats.seconds, "seconds_synthetic_scores_per_pass": t_scores,

@@ -147,7 +147,7 @@ def _cmd_bench_proxy(args) -> int:
     except ValueError:
         raise ConfigError(f"--size: expected WIDTHxHEIGHT (e.g. 1024x512), got {args.size!r}") from None
     r = bench_proxy(images=args.images, width=w, height=h, num_classes=args.classes, kind=args.policy,
-                    portion=args.portion, portion2=args.portion2, bins=args.bins, device=args.device)
+                    portion=args.portion, portion2=args.portion2, device=args.device)
     print(f"proxy generation ({r['policy']}) over {r['images']} x {r['classes']} x {h} x {w} scores on {r['device']}")
     for k, v in r.items():
         if k not in ("device", "policy"):
@@ -287,7 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--policy", default="adversarial", choices=("global", "class_balanced", "adversarial"))
     bp.add_argument("--portion", type=float, default=0.6, help="global/class_balanced portion, or MAT's p1")
     bp.add_argument("--portion2", type=float, default=0.8, help="MAT's p2 (adversarial policy)")
-    bp.add_argument("--bins", type=_positive, default=4096)
     bp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bp.set_defaults(func=_cmd_bench_proxy)
     return p

@@ -2,26 +2,38 @@
 
 Thresholds come from the statistics of the *whole* target set, so they are computed in
 streaming passes over it with bounded memory: each pass runs the model image by image and
-adds the scores it needs to fixed-size histograms (``bins`` per class, on the model's
-device), and a threshold is read off the histogram's upper tail. Memory is
-``classes x bins`` counters whatever the size of the set. The last pass writes one label
-PNG per image (train ids, 255 = ignore, the train palette so that it opens as a coloured
-map) beside the run.
+adds the scores it needs to fixed-size histograms (2**16 counters per class, on the
+model's device), whose counts are summed over DDP ranks so that every rank reads the same
+thresholds. Memory is ``classes x 2**16`` counters whatever the size of the set. The last
+pass writes one label PNG per image (train ids, 255 = ignore, the train palette so that it
+opens as a coloured map) beside the run.
 
-Scores are binned as *logits* (``log p - log(1 - p)``, clamped to ``[-LOGIT_RANGE,
-LOGIT_RANGE]``), not as probabilities. Confidences pile up against 0 and 1: a trained
-discriminator gives target pixels source-probabilities of 1e-5 and far less (logits of
--20 to -30 measured on the MAT study), a confident classifier max-probabilities of 0.9999
-and more, and equal-width bins over [0, 1] would put most of the set into one bin, so that
-t1 = 0 kept every pixel whatever p1 asked for (measured: 81% kept for p1 * p2 = 0.48). On
-the logit scale a bin is ``2 * LOGIT_RANGE / bins`` wide (0.049 with the methods' 2048
-bins: 5% in the odds, 0.012 in probability near 0.5, 0.004 near 0.9; raise ``bins`` for
-finer thresholds). A threshold is exact to within one bin of ``numpy.percentile`` on that
-scale (tested), and the scores that reach the histograms are computed from
-log-probabilities and log-sigmoids, never from saturated float32 probabilities. A
-generation whose thresholded step keeps clearly more than it asked for (ties in one bin,
-or scores beyond the range) says so in a warning; ``proxy/refocused_frac`` (A >= t1) and
-``proxy/kept_frac`` are logged beside ``proxy/requested_frac``.
+Scores are *logits* (``log p - log(1 - p)``), not probabilities, computed from
+log-probabilities and log-sigmoids, never from saturated float32 probabilities.
+Confidences pile up against 0 and 1: a trained discriminator gives target pixels
+source-probabilities of 1e-5 and far less (logits of -20 to -30 measured on the MAT
+study), a confident classifier max-probabilities of 0.9999 and more, which float32
+probabilities would round to 0 or 1 and tie, so that t1 kept every pixel whatever p1
+asked for (measured: 81% kept for p1 * p2 = 0.48).
+
+Thresholds are exact: a threshold is the k-th largest float32 score of its set, ``k =
+ceil(portion * n)`` (what ``torch.topk`` or a sort gives; tested), found by a radix
+select in two passes (:class:`TopSelect`): the first histograms the high 16 bits of each
+score's order-preserving 32-bit key (the sign, the exponent and 7 mantissa bits: buckets
+of under 1% of the value), the second, over the bucket that holds the k-th largest only,
+its low 16 bits, one counter per float32 value. So a thresholded step keeps exactly its
+portion, more only by exact ties of equal float32 scores (e.g. an untrained model's
+near-constant confidences, or probabilities of exactly 1), which a generation warns
+about; ``proxy/refocused_frac`` (A >= t1) and ``proxy/kept_frac`` are logged beside
+``proxy/requested_frac``. (Equal-width histograms over logits, as before, kept up to 3.2
+points more than asked on diffuse confidences at 2048 bins. Refining inside such a logit
+bin is not one pass in general: the bin at 0 spans about 2**30 float32 values; the radix
+digits bound every bucket to 2**16 values, so one refinement pass is always exact.)
+
+Passes over the target set (each reruns the network): 2 for the threshold(s) of
+``global`` and ``class_balanced`` (every class's threshold in the same two passes), 4 for
+``adversarial`` (t2 is taken over the pixels with A >= t1, so t1 must be exact first: its
+two passes, then t2's two), then the labelling pass (:func:`stats_passes`).
 
 Policies (``ProxyPolicy.kind``):
 
@@ -29,15 +41,19 @@ Policies (``ProxyPolicy.kind``):
   probability) keep their argmax; DAST's top-q selection.
 - ``class_balanced``: CBST (Zou et al., ECCV 2018). For each class c, t_c is the
   confidence at the top ``portion`` of the pixels *predicted* as c; a pixel takes
-  ``argmax_c P_c / t_c`` where that ratio is at least 1.
+  ``argmax_c P_c / t_c`` where that ratio is at least 1. ``max_threshold`` (a probability,
+  None = no cap) caps every t_c, as BDL's release (and DAST's, built on it) does at 0.9
+  (``thres[thres > 0.9] = 0.9``): on saturated predictions every pixel above the cap is
+  kept, more than ``portion``.
 - ``adversarial``: MAT's confidence refocusing (Shen et al., Eq. 5). t1 is the threshold
   of the top ``portion`` (p1) of the adversarial confidence A over the whole set; t2 is
   the class-balanced threshold vector of ``portion2`` (p2) computed only over pixels with
   A > t1; a pixel takes ``argmax_l P_l / t2_l`` where ``P_l > t2_l`` and ``A > t1``.
 
-Thresholds are histogram bin edges, so ties at a threshold are kept (``>=``, where Eq. 5
-writes ``>``): the kept set is then at least the requested portion, and more only by the
-pixels of the threshold's bin (``proxy/kept_frac`` reports it).
+A threshold is the score of the last pixel kept, so ties at a threshold are kept (``>=``,
+where Eq. 5 writes ``>``): the kept set is the requested portion (rounded up to a whole
+pixel), more only by exact ties, and for class-balanced labels by the pixels that the cap
+admits or that CBST's ratio admits through another class's threshold.
 
 A score function returns, per batch of images, the log-probabilities (N, C, H, W) at the
 network input size (logits upsampled bilinearly, ``align_corners=True``, then the log-
@@ -61,7 +77,7 @@ from torch import Tensor
 
 IGNORE = 255
 POLICIES = ("global", "class_balanced", "adversarial")
-LOGIT_RANGE = 50.0  # histograms span logits [-50, 50]: probabilities 2e-22 .. 1 - 2e-22
+DIGIT = 16  # bits of each radix-select pass: two passes of 2**16 counters cover a float32's 32 bits
 
 # score_fn(images) -> (log-probabilities (N, C, H, W) at the input size, logit of the
 # adversarial confidence (N, H, W) or None)
@@ -86,58 +102,102 @@ def confidence(log_probs: Tensor) -> tuple[Tensor, Tensor]:
     return logit_from_log(lp_max), pred
 
 
-class Histogram:
-    """Counts of scores in ``[lo, hi]`` per channel, ``bins`` equal bins, on any device.
-    Values outside the range count in the first or last bin.
-
-    Args:
-        channels: independent histograms (e.g. one per class).
-        bins: bins per histogram; the resolution of thresholds is ``(hi - lo) / bins``.
+def order_key(values: Tensor) -> Tensor:
+    """Float32 scores as int64 keys in ``[0, 2**32)`` that sort as the floats do (-0.0 and
+    0.0 share a key): the float's bits with the sign bit flipped for positive values, all
+    bits flipped for negative ones.
 
     Example:
-        >>> h = Histogram(1, bins=10, lo=0.0, hi=1.0)
-        >>> h.add(torch.tensor([0.05, 0.55, 0.95, 0.97]))
-        >>> h.top_threshold(0.5)  # the top half of the values are >= 0.5
-        tensor([0.5000], dtype=torch.float64)
+        >>> key_value(order_key(torch.tensor([-1.5, 0.0, 2.0])))
+        tensor([-1.5000,  0.0000,  2.0000], dtype=torch.float64)
+    """
+    bits = (values.float() + 0.0).contiguous().view(torch.int32).long()  # + 0.0: -0.0 -> 0.0
+    return torch.where(bits >= 0, bits + 2**31, -bits - 1)
+
+
+def key_value(keys: Tensor) -> Tensor:
+    """The float32 values of :func:`order_key` keys, as float64."""
+    bits = torch.where(keys >= 2**31, keys - 2**31, -keys - 1)
+    return bits.to(torch.int32).view(torch.float32).double()
+
+
+class TopSelect:
+    """Per channel, the exact k-th largest of streamed float32 scores, ``k = ceil(portion *
+    n)`` over the channel's n scores: a radix select on :func:`order_key` in two passes
+    over the same scores, ``2**16`` counters per channel, on any device.
+
+    Pass 1 counts the high 16 bits of each key and finds, per channel, the bucket holding
+    the k-th largest and how many of the scores kept fall in it; pass 2 counts the low 16
+    bits of that bucket's scores only, which pins the value. Call :meth:`add` for every
+    score of a pass, then :meth:`end_pass` (which sums the counts over DDP ranks, so every
+    rank reads the same thresholds), until :attr:`done`. Scores must be the same in both
+    passes (the same network in eval mode); were they not, the result stays within the
+    pass-1 bucket.
+
+    Args:
+        channels: independent selections (e.g. one per class).
+        portion: the top portion of each channel's scores to keep.
+
+    Example:
+        >>> sel = TopSelect(1, portion=0.5)
+        >>> while not sel.done:
+        ...     sel.add(torch.tensor([0.05, 0.55, 0.95, 0.97]))
+        ...     sel.end_pass()
+        >>> sel.thresholds()  # the top half of the values are >= 0.95
+        tensor([0.9500], dtype=torch.float64)
     """
 
-    def __init__(self, channels: int = 1, *, bins: int = 4096, lo: float = -LOGIT_RANGE, hi: float = LOGIT_RANGE,
-                 device: torch.device | str = "cpu"):
-        self.channels, self.bins, self.lo, self.hi = channels, bins, lo, hi
-        self.counts = torch.zeros(channels, bins, dtype=torch.int64, device=device)
+    def __init__(self, channels: int = 1, *, portion: float, device: torch.device | str = "cpu"):
+        self.channels, self.portion = channels, portion
+        self.counts = torch.zeros(channels, 1 << DIGIT, dtype=torch.int64, device=device)
+        self.high: Tensor | None = None  # per channel, the pass-1 bucket (-1: nothing to select)
+        self.need: Tensor | None = None  # per channel, how many of that bucket's scores are kept
+        self.keys: Tensor | None = None  # the result: the k-th largest's key (-1: select nothing)
 
     @property
-    def width(self) -> float:
-        return (self.hi - self.lo) / self.bins
+    def done(self) -> bool:
+        return self.keys is not None
 
     def add(self, values: Tensor, channel: Tensor | None = None) -> None:
-        """Add 1-D ``values``, each to histogram ``channel[i]`` (0 when None)."""
-        idx = ((values.float() - self.lo) / self.width).floor().clamp_(0, self.bins - 1).long()
-        if channel is not None:
-            idx = idx + channel.long() * self.bins
-        self.counts += torch.bincount(idx, minlength=self.channels * self.bins).view(self.channels, self.bins)
+        """Add ``values``, each to selection ``channel[i]`` (0 when None); shapes alike."""
+        key = order_key(values.reshape(-1))
+        ch = torch.zeros_like(key) if channel is None else channel.reshape(-1).long()
+        if self.high is None:
+            idx = key >> DIGIT
+        else:  # pass 2: the low bits of the scores in each channel's bucket
+            inside = (key >> DIGIT) == self.high.to(key.device, non_blocking=True)[ch]
+            key, ch = key[inside], ch[inside]
+            idx = key & ((1 << DIGIT) - 1)
+        n = self.channels << DIGIT
+        self.counts += torch.bincount(idx + (ch << DIGIT), minlength=n).view(self.channels, -1)
 
-    def all_reduce(self) -> None:
+    def end_pass(self) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.counts)
+        counts = self.counts.to("cpu", copy=True)  # (a copy: the counters are reused by pass 2)
+        self.counts.zero_()
+        tail = counts.flip(1).cumsum(1).flip(1)  # tail[c, b] = scores in buckets >= b
+        if self.high is None:  # pass 1: k per channel (rounded first: 0.3 * 10 is 3, not 4)
+            k = torch.tensor([math.ceil(round(self.portion * int(n), 6)) for n in counts.sum(1)])
+            b = (tail >= k[:, None]).sum(1) - 1  # the highest bucket b with >= k scores in b and above
+            above = tail.gather(1, b.clamp(min=0)[:, None])[:, 0] - counts.gather(1, b.clamp(min=0)[:, None])[:, 0]
+            self.high = torch.where(k > 0, b, -1)
+            self.need = k - above
+            if (self.high < 0).all():
+                self.keys = torch.full((self.channels,), -1, dtype=torch.int64)
+            return
+        d = ((tail >= self.need[:, None]).sum(1) - 1).clamp(min=0)
+        self.keys = torch.where(self.high >= 0, (self.high << DIGIT) | d, -1)
 
-    def total(self) -> Tensor:
-        return self.counts.sum(1)
+    def thresholds(self) -> Tensor:
+        """Per channel, the k-th largest score (float64, on the CPU); ``inf`` (select
+        nothing) for an empty channel or ``portion == 0``."""
+        return torch.where(self.keys >= 0, key_value(self.keys.clamp(min=0)), math.inf)
 
-    def top_threshold(self, portion: float) -> Tensor:
-        """Per channel, the lower edge t of the highest bin such that the values >= t are at
-        least ``portion`` of the channel's values: within one bin of
-        ``numpy.percentile(values, 100 * (1 - portion))``. The lowest bin's edge is
-        ``-inf`` (it also holds the values below ``lo``); ``inf`` for an empty channel or
-        ``portion == 0`` (select nothing); float64, on the CPU."""
-        counts = self.counts.double().cpu()
-        tail = counts.flip(1).cumsum(1).flip(1)  # tail[c, b] = values in bins >= b
-        need = portion * counts.sum(1, keepdim=True)
-        ok = tail >= need  # true for b <= the bin sought (tail is non-increasing)
-        b = ok.sum(1) - 1  # the highest such bin
-        t = torch.where(b > 0, self.lo + b.double() * self.width, torch.full_like(b, -math.inf, dtype=torch.float64))
-        empty = (counts.sum(1) == 0) | (portion <= 0)
-        return torch.where(empty, torch.full_like(t, math.inf), t)
+
+def stats_passes(policy: "ProxyPolicy") -> int:
+    """Passes over the target set before the labelling pass: 2 per exact threshold step."""
+    return 4 if policy.kind == "adversarial" else 2
 
 
 @dataclass
@@ -147,7 +207,7 @@ class ProxyPolicy:
     kind: str = "class_balanced"
     portion: float = 0.5  # global / class_balanced: the top portion kept; adversarial: p1
     portion2: float = 1.0  # adversarial only: p2, class-balanced portion among A > t1
-    bins: int = 4096  # per histogram, over logits [-LOGIT_RANGE, LOGIT_RANGE]
+    max_threshold: float | None = None  # class_balanced only: cap on each t_c, a probability (None: no cap)
 
     def requested(self) -> float:
         """The portion of pixels the policy asks for (adversarial: about p1 * p2)."""
@@ -160,6 +220,16 @@ class ProxyPolicy:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"proxy policy {name} must be in [0, 1], got {v}")
+        if self.max_threshold is not None:
+            if self.kind != "class_balanced":
+                raise ValueError(f"proxy policy max_threshold applies to class_balanced only, not {self.kind!r}")
+            if not 0.0 < self.max_threshold <= 1.0:
+                raise ValueError(f"proxy policy max_threshold must be in (0, 1], got {self.max_threshold}")
+
+    def threshold_cap(self) -> float:
+        """``max_threshold`` as a logit (thresholds are logits): ``inf`` without a cap."""
+        p = self.max_threshold
+        return math.inf if p is None or p >= 1.0 else math.log(p) - math.log1p(-p)
 
 
 @dataclass
@@ -181,14 +251,17 @@ def label_map(log_probs: Tensor, conf: Tensor | None, policy: ProxyPolicy, th: T
         keep = score >= th.t.to(score.device, score.dtype)
         return torch.where(keep, pred, torch.full_like(pred, IGNORE))
     # P_c / t_c in logs: log P_c - log sigmoid(t_c); t_c = inf (select nothing) gives -inf
-    t_c = th.t_class.to(log_probs.device, torch.float64).view(1, -1, 1, 1)
+    t_class = th.t_class.to(log_probs.device, torch.float64)
+    t_c = t_class.view(1, -1, 1, 1)
     log_t = torch.where(torch.isinf(t_c) & (t_c > 0), torch.full_like(t_c, math.inf),
                         torch.nn.functional.logsigmoid(t_c))
     log_ratio = log_probs.double() - log_t
-    rmax, pred = log_ratio.max(1)
-    # Eq. 5: P_l > t2_l at l = argmax_l P_l / t2_l, and A > t1. Ties at a threshold are
-    # kept (>=): thresholds are bin edges, and the kept set is then at least the portion.
-    keep = rmax >= 0.0
+    _, pred = log_ratio.max(1)
+    # Eq. 5: P_l > t2_l at l = argmax_l P_l / t2_l, and A > t1. Compared as the thresholds
+    # were taken (the float32 logit of P_l against t_l, one of those logits), so that the
+    # kept pixels are exactly the portion; ties at a threshold are kept (>=).
+    score_l = logit_from_log(log_probs.gather(1, pred[:, None])[:, 0])
+    keep = score_l.double() >= t_class[pred]
     if policy.kind == "adversarial":
         keep &= conf >= th.t1
     return torch.where(keep, pred, torch.full_like(pred, IGNORE))
@@ -196,37 +269,49 @@ def label_map(log_probs: Tensor, conf: Tensor | None, policy: ProxyPolicy, th: T
 
 def compute_thresholds(batches: Callable[[], object], score_fn: ScoreFn, policy: ProxyPolicy,
                        num_classes: int, device: torch.device) -> Thresholds:
-    """The histogram passes over the target set (1 for global / class_balanced, 2 for
-    adversarial). ``batches()`` returns a fresh iterator of image batches (on device)."""
+    """The exact thresholds, in :func:`stats_passes` passes over the target set: 2 for
+    global / class_balanced (every class in the same passes), 4 for adversarial (t1's two,
+    then t2's two over the pixels with A >= t1, which need t1 exact). ``batches()`` returns
+    a fresh iterator of image batches (on device)."""
     th = Thresholds()
     if policy.kind == "adversarial":
-        h1 = Histogram(1, bins=policy.bins, device=device)
-        with torch.no_grad():
-            for images in batches():
-                _, conf = score_fn(images)
-                if conf is None:
-                    raise ValueError("the adversarial proxy policy needs a confidence map from score_fn")
-                h1.add(conf.reshape(-1))
-        h1.all_reduce()
-        th.t1 = float(h1.top_threshold(policy.portion)[0])
-    hist = Histogram(1 if policy.kind == "global" else num_classes, bins=policy.bins, device=device)
-    with torch.no_grad():
-        for images in batches():
-            log_probs, conf = score_fn(images)
-            score, pred = confidence(log_probs)
-            if policy.kind == "global":
-                hist.add(score.reshape(-1))
-                continue
-            if policy.kind == "adversarial":  # only the domain-invariant region counts for t2
-                sel = conf >= th.t1
-                score, pred = score[sel], pred[sel]
-            hist.add(score.reshape(-1), pred.reshape(-1))
-    hist.all_reduce()
+        def adversarial(images):
+            _, conf = score_fn(images)
+            if conf is None:
+                raise ValueError("the adversarial proxy policy needs a confidence map from score_fn")
+            return conf, None
+
+        th.t1 = float(_top(batches, adversarial, 1, policy.portion, device)[0])
+
+    def classification(images):
+        log_probs, conf = score_fn(images)
+        score, pred = confidence(log_probs)
+        if policy.kind == "global":
+            return score, None
+        if policy.kind == "adversarial":  # only the domain-invariant region counts for t2
+            sel = conf >= th.t1
+            score, pred = score[sel], pred[sel]
+        return score, pred
+
     if policy.kind == "global":
-        th.t = hist.top_threshold(policy.portion)
+        th.t = _top(batches, classification, 1, policy.portion, device)
     else:
-        th.t_class = hist.top_threshold(policy.portion if policy.kind == "class_balanced" else policy.portion2)
+        t = _top(batches, classification, num_classes,
+                 policy.portion if policy.kind == "class_balanced" else policy.portion2, device)
+        th.t_class = t.clamp(max=policy.threshold_cap())  # the release's cap (inf: none)
     return th
+
+
+def _top(batches, scores, channels: int, portion: float, device) -> Tensor:
+    """The exact top-``portion`` thresholds of ``scores(images) -> (values, channel or
+    None)`` over the set, per channel (:class:`TopSelect`: two passes)."""
+    sel = TopSelect(channels, portion=portion, device=device)
+    with torch.no_grad():
+        while not sel.done:
+            for images in batches():
+                sel.add(*scores(images))
+            sel.end_pass()
+    return sel.thresholds()
 
 
 @dataclass
@@ -450,9 +535,9 @@ def generate_for_run(ctx, data: dict, score_fn: ScoreFn, policy: ProxyPolicy, ou
     stats = generate(data["target_eval"], score_fn, policy, out_dir, num_classes=cfg.data.num_classes,
                      device=ctx.device, to_device=ctx.to_device, num_workers=min(2, cfg.run.num_workers),
                      rank=ctx.rank, world_size=ctx.world_size, on_image=keep)
-    # The thresholded steps keep at least their portion, more only by ties in the threshold's
-    # bin (class-balanced labels may legitimately exceed theirs: a pixel can pass through
-    # another class's ratio). Clearly more is worth a warning: near-constant scores.
+    # The thresholded steps keep their portion exactly, more only by exact ties of equal
+    # scores (class-balanced labels may legitimately exceed theirs: a pixel can pass through
+    # another class's ratio, or the cap). Clearly more is worth a warning: constant scores.
     frac = (stats.refocused if policy.kind == "adversarial" else stats.kept) / max(1, stats.pixels)
     if ctx.rank == 0 and policy.kind != "class_balanced" and frac > policy.portion + 0.05:
         import warnings

@@ -31,7 +31,9 @@ Choices where the paper is silent:
   test time as well (the default here); false predicts with P(f) as on source.
 - ``dast.pseudo``: the paper's "top q of pixels with higher probability" is one global
   threshold (``global``); the release, built on BDL's code, thresholds each predicted
-  class at its own top q (``class_balanced``).
+  class at its own top q (``class_balanced``) and caps those thresholds at a probability
+  of 0.9 (``thres[thres > 0.9] = 0.9``): ``dast.max_threshold`` (1 turns the cap off; it
+  does nothing with ``global``). On saturated predictions the cap keeps more than q.
 - The discoverer reads ``f`` before the attention; without ``dast.attention`` (Table 3's
   "+MSE+2D") D still aligns f but neither reweights f nor C's loss.
 """
@@ -66,9 +68,10 @@ class DASTConfig:
     rounds: int = knob(3, "self-training rounds K over the run's iterations (paper 3)", lo=1)
     pseudo: str = knob("global", "top-q over all pixels (paper text) or per predicted class (release)",
                        choices=("global", "class_balanced"))
+    max_threshold: float = knob(0.9, "class_balanced: cap on each class's threshold, a probability (release 0.9; "
+                                     "1 = no cap)", lo=0.0, hi=1.0, lo_open=True)
     ndf: int = knob(64, "corrector width (paper 64: 64-128-256-512-1)", lo=1)
     d_width: int = knob(256, "discoverer width (paper 256: 256-128-64-1, 3x3, stride 1)", lo=4)
-    bins: int = knob(2048, "histogram bins of the streaming pseudo-label threshold, over logits in [-50, 50]", lo=16)
 
 
 class DAST(Method):
@@ -199,11 +202,17 @@ class DAST(Method):
             if self.discoverer is not None:
                 self.generator["discoverer"].load_state_dict(self.discoverer.state_dict())
         # a resumed round finds its labels on disk, else they are made again by the generator
-        policy = ProxyPolicy(self.p.pseudo, portion=self.p.q, bins=self.p.bins)
-        stats = generate_for_run(self.ctx, data, self._score(self.generator), policy, out_dir, step=step)
+        stats = generate_for_run(self.ctx, data, self._score(self.generator), self.policy(), out_dir, step=step)
         if stats is not None and self.ctx.tracker is not None and self.ctx.rank == 0:
             self.ctx.tracker.log_metrics({"proxy/round": float(k)}, step=step)
         return ProxyLabelled(data["target"], out_dir)
+
+    def policy(self) -> ProxyPolicy:
+        """The pseudo-label policy: the top q, globally or per predicted class (with the
+        release's cap on the class thresholds)."""
+        p = self.p
+        return ProxyPolicy(p.pseudo, portion=p.q,
+                           max_threshold=p.max_threshold if p.pseudo == "class_balanced" else None)
 
     def _score(self, gen):
         """score_fn of the round's generator: log-probabilities as the model predicts them."""

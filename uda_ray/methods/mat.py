@@ -72,7 +72,6 @@ class MATConfig:
     ms_scales: str = knob("0.75,1.0,1.25", "input scales averaged by multi-scale inference")
     gan: str = knob("vanilla", "adversarial loss: vanilla GAN (Eqs. 2-3, BCE) or least squares", choices=GAN_KINDS)
     ndf: int = knob(64, "discriminator base width (conv widths ndf, 2ndf, 4ndf, 8ndf)", lo=1)
-    bins: int = knob(2048, "histogram bins of the streaming thresholds, over logits in [-50, 50]", lo=16)
 
 
 # the features each discriminator judges: D1 the decoder output F(x), D2 the mid level F_l(x)
@@ -175,8 +174,8 @@ class MAT(Method):
 
     def _policy(self) -> ProxyPolicy:
         if not self.levels:  # no discriminators: class-balanced proxies of portion p2 (p1 = 1)
-            return ProxyPolicy("class_balanced", portion=self.p.p2, bins=self.p.bins)
-        return ProxyPolicy("adversarial", portion=self.p.p1, portion2=self.p.p2, bins=self.p.bins)
+            return ProxyPolicy("class_balanced", portion=self.p.p2)
+        return ProxyPolicy("adversarial", portion=self.p.p1, portion2=self.p.p2)
 
     def _generator(self):
         """score_fn of the ``init_from`` checkpoint: its segmenter's log-probabilities log P
