@@ -273,14 +273,16 @@ def case_config(preset: str, method: str, settings: dict, overrides: dict, scale
 
 
 def bench_cases(preset: str, cases, *, overrides: dict | None = None, scale: float = 1.0, warmup: int = 2,
-                iters: int = 5, rounds: int = 1, tf32: bool = True, mode: str = "", progress=print) -> list[dict]:
+                iters: int = 5, rounds: int = 1, tf32: bool = True, mode: str = "", progress=print,
+                flops: dict | None = None) -> list[dict]:
     """:func:`bench_step` over ``cases`` ((row, method, settings) as :data:`PAPER_CASES`),
     ``rounds`` times with the cases interleaved, keeping each case's fastest round: on a
     shared machine, others' load slows some rounds, and the interleaving spreads it over
     every case, so that the ratios to AdaptSegNet's row compare like with like. A case
-    that fails (e.g. out of memory) gives a row with its error, and the others run."""
+    that fails (e.g. out of memory) gives a row with its error, and the others run.
+    ``flops``: row -> FLOPs already counted (shared by calls at the same sizes)."""
     best: dict[str, dict] = {}
-    flops: dict[str, int] = {}
+    flops = {} if flops is None else flops
     for k in range(rounds):
         for row, method, settings in cases:
             r = {"row": row, "mode": mode}

@@ -81,11 +81,12 @@ def run_device_check(*, scale: float = 1.0, warmup: int = 3, iters: int = 10, pr
     print(f"uda-ray bench device on {name}, torch {torch.__version__}, scale {scale}")
     t0 = time.perf_counter()
     rows = []
+    flops: dict[str, int] = {}  # the same in every mode: counted once per case
     for mode in modes:
         values, tf32 = MODES[mode]
         over = {**values, "run.device": str(dev), "run.cpu_amp": True}
         rows += bench_cases("paper", PAPER_CASES, overrides=over, scale=scale, warmup=warmup, iters=iters,
-                            tf32=tf32, mode=mode)
+                            tf32=tf32, mode=mode, flops=flops)
     checks = device_checks(dev)
     proxy = None
     if proxy_images:
