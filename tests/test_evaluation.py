@@ -397,24 +397,35 @@ def test_imports_without_heavy_dependencies():
                    cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_update_without_host_sync():
-    dev = torch.device("cuda")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_device_update_without_host_sync(device):
+    """The CUDA counting path (index_add_, validate=False) does not sync: on CUDA under
+    ``set_sync_debug_mode("error")``; on the CPU the same code path (``sync_free=True``)
+    under :class:`~uda_ray.bench.HostSyncCounter`, so that it is tested without a GPU."""
+    from uda_ray.bench import HostSyncCounter
+
+    dev = torch.device(device)
     g = torch.Generator().manual_seed(4)
     t = torch.randint(0, 19, (2, 64, 64), generator=g)
     t[:, :4] = 255
     p = torch.randint(0, 19, (2, 64, 64), generator=g)
     tc, pc = t.to(dev), p.to(dev)
-    cm = ConfusionMatrix(19, device=dev, validate=False)
-    torch.cuda.synchronize()
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        cm.update(pc, tc)
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
+    cm = ConfusionMatrix(19, device=dev, validate=False, sync_free=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cm.update(pc, tc)
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    else:
+        with HostSyncCounter() as syncs:
+            cm.update(pc, tc)
+        assert syncs.calls == []
     ref = ConfusionMatrix(19)
     ref.update(p, t)
     np.testing.assert_array_equal(cm.to_numpy(), ref.to_numpy())
     with pytest.raises(ValueError, match="found"):
-        ConfusionMatrix(19, device=dev).update(pc, tc + 1)
+        ConfusionMatrix(19, device=dev, sync_free=True).update(pc, tc + 1)

@@ -95,7 +95,7 @@ def test_training_side_imports_without_ray_optuna_mlflow():
                 if name.split(".")[0] in ("ray", "optuna", "mlflow"):
                     raise ImportError(f"{name} is blocked in this test")
         sys.meta_path.insert(0, Block())
-        import uda_ray.engine, uda_ray.models, uda_ray.methods, uda_ray.proxy, uda_ray.bench
+        import uda_ray.engine, uda_ray.models, uda_ray.methods, uda_ray.proxy, uda_ray.bench, uda_ray.bench_device
         import uda_ray.checkpoint, uda_ray.config, uda_ray.cli
         from uda_ray.config import build_config
         build_config(method="mat")

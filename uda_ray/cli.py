@@ -125,10 +125,27 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_bench_step(args) -> int:
-    from .bench import bench_step
-    from .config import load_config, parse_overrides
+    from .bench import PAPER_CASES, bench_cases, case_config, bench_step, format_table
+    from .config import METHODS, parse_overrides
 
-    cfg = load_config(None, parse_overrides(args.set or []), preset=args.preset, method=args.method)
+    overrides = parse_overrides(args.set or [])
+    if args.compile:
+        overrides["run.compile"] = "true"
+    if args.method == "all":  # every training method at its paper's architecture, one table
+        print(f"every method's iteration @ {args.preset}, scale {args.scale} ({args.warmup} warm-up, "
+              f"{args.iters} timed iterations each, fastest of {args.rounds} interleaved rounds)")
+        rows = bench_cases(args.preset, PAPER_CASES, overrides=overrides, scale=args.scale, warmup=args.warmup,
+                           iters=args.iters, rounds=args.rounds)
+        dev = next((r["device"] for r in rows if "device" in r), "?")
+        print(f"on {dev}; FLOPs: fwd+bwd of one iteration (convolutions and matrix products); "
+              f"peak: {'allocated' if dev != 'cpu' else 'process RSS so far'}")
+        print(format_table(rows))
+        return 1 if any("error" in r for r in rows) else 0
+    if args.method not in METHODS:
+        from .config import ConfigError
+
+        raise ConfigError(f"--method: expected 'all' or one of {sorted(METHODS)}, got {args.method!r}")
+    cfg = case_config(args.preset, args.method, {}, overrides, args.scale)
     r = bench_step(cfg, warmup=args.warmup, iters=args.iters)
     print(f"{args.method} @ {args.preset} ({cfg.model.arch}, source {cfg.data.source_w}x{cfg.data.source_h}, "
           f"target {cfg.data.target_w}x{cfg.data.target_h}, batch {cfg.data.batch_size}) on {r['device']}")
@@ -136,6 +153,13 @@ def _cmd_bench_step(args) -> int:
         if k != "device":
             print(f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}")
     return 0
+
+
+def _cmd_bench_device(args) -> int:
+    from .bench_device import run_device_check
+
+    return run_device_check(scale=args.scale, warmup=args.warmup, iters=args.iters, proxy_images=args.proxy_images,
+                            device=args.device)
 
 
 def _cmd_bench_proxy(args) -> int:
@@ -189,6 +213,19 @@ def _count(text: str) -> int:
 def _positive(text: str) -> int:
     """An option's count: an integer >= 1."""
     return _int_at_least(text, 1)
+
+
+def _positive_float(text: str) -> float:
+    """An option's scale: a finite number > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 def _int_at_least(text: str, lo: int) -> int:
@@ -274,11 +311,27 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bs = bsub.add_parser("step", help="seconds per training iteration on random data at a preset's sizes")
     bs.add_argument("--preset", default="tiny-cpu")
-    bs.add_argument("--method", default="adaptseg")
+    bs.add_argument("--method", default="adaptseg",
+                    help="a method, or 'all': every training method at its paper's architecture, one table")
     bs.add_argument("--set", action="append", metavar="KEY=VALUE")
+    bs.add_argument("--scale", type=_positive_float, default=1.0,
+                    help="image sizes times SCALE (CPU: e.g. 0.25 is 320x180 + 256x128 for the paper preset)")
+    bs.add_argument("--compile", action="store_true", help="run.compile=true: torch.compile the segmenter")
     bs.add_argument("--warmup", type=_count, default=5)
     bs.add_argument("--iters", type=_positive, default=20)
+    bs.add_argument("--rounds", type=_positive, default=1,
+                    help="with --method all: time every case this many times, interleaved, and keep each "
+                         "case's fastest round (a shared machine's load spreads over all cases)")
     bs.set_defaults(func=_cmd_bench_step)
+    bd = bsub.add_parser("device", help="one call on a GPU box (PyTorch only: no Ray, Optuna or MLflow needed): "
+                                        "every method at paper sizes in fp32, TF32 and bf16+channels_last, "
+                                        "device checks and the proxy benchmark, one table")
+    bd.add_argument("--scale", type=_positive_float, default=1.0, help="image sizes times SCALE (1: the papers')")
+    bd.add_argument("--warmup", type=_count, default=3)
+    bd.add_argument("--iters", type=_positive, default=10)
+    bd.add_argument("--proxy-images", type=_count, default=200, help="images of the proxy benchmark (0: skip)")
+    bd.add_argument("--device", default="auto")
+    bd.set_defaults(func=_cmd_bench_device)
     bp = bsub.add_parser("proxy", help="time and peak memory of one proxy-label generation over a synthetic "
                                        "score volume (default: Cityscapes train, 2975 x 19 x 512 x 1024)")
     bp.add_argument("--images", type=_positive, default=2975)

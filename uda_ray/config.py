@@ -55,8 +55,11 @@ class RunConfig:
     eval_every: int = knob(5_000, "iterations between target-val evaluations (0 = at the end only)", lo=0)
     checkpoint_every: int = knob(5_000, "iterations between checkpoints (0 = at the end only)", lo=0)
     device: str = knob("auto", "auto, cpu, cuda or cuda:<index>", choices=DEVICES)
-    amp: bool = knob(True, "bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = knob(True, "channels_last memory format on CUDA")
+    amp: bool = knob(True, "bf16 autocast on CUDA (on CPU only with run.cpu_amp)")
+    channels_last: bool = knob(True, "channels_last memory format on CUDA (on CPU only with run.cpu_amp)")
+    cpu_amp: bool = knob(False, "apply run.amp and run.channels_last on CPU too (tests, benchmarks; bf16 is "
+                                "slow on most CPUs, so CPU runs stay fp32 and contiguous by default)")
+    compile: bool = knob(False, "torch.compile the segmenter's backbone and heads (first steps compile)")
     num_workers: int = knob(4, "data loader workers per domain", lo=0)
     init_from: str = knob("", "checkpoint (file or run dir) whose segmenter weights start this run")
     max_val_images: int = knob(0, "evaluate on the first N target-val images (0 = all)", lo=0)
@@ -107,6 +110,10 @@ class ModelConfig:
                                     "(PSPNet and the curriculum paper: 6, 3, 2, 1)")
     bn: str = knob("frozen", "BatchNorm: shared stats, frozen stats, or per-domain stats",
                    choices=("shared", "frozen", "per_domain"))
+    reference_layout: bool = knob(False, "deeplabv2_r101 as AdaptSegNet's released code builds it: ASPP sums "
+                                         "only its first two branches, ceil-mode stem pool, stride on the 1x1 "
+                                         "convs (Caffe), first dilated blocks at their stage's dilation; off: the "
+                                         "DeepLab-v2 paper's layout (torchvision's ResNet)")
 
 
 @dataclass

@@ -14,6 +14,15 @@ if TYPE_CHECKING:
     from .config import Config
 
 
+def numerics(cfg: Config, device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) of a run on ``device``: ``run.amp`` and
+    ``run.channels_last`` on CUDA; on the CPU only with ``run.cpu_amp`` (bf16 convolutions
+    are slow on most CPUs, so CPU runs stay fp32 and contiguous unless asked; tests and
+    ``uda-ray bench step`` ask, to exercise the GPU's numerics without one)."""
+    on = device.type == "cuda" or cfg.run.cpu_amp
+    return cfg.run.amp and on, cfg.run.channels_last and on
+
+
 @dataclass
 class Context:
     """What a method needs from the engine: the device and the numeric settings."""

@@ -8,7 +8,8 @@ from ``torch.distributed`` when it is initialised, and reporting goes through th
 
 Speed: the hot loop stays on the device. Losses are accumulated on the device and read
 back only every ``run.log_every`` steps (the only host sync), which is also when the
-non-finite guard looks at them; bf16 autocast and channels_last apply on CUDA.
+non-finite guard looks at them; bf16 autocast and channels_last apply on CUDA (and on the
+CPU with ``run.cpu_amp``); ``run.compile`` compiles the segmenter.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from .checkpoint import (checkpoint_path, claim_run_dir, load_checkpoint_file, mark_diverged, restore_checkpoint,
                          save_checkpoint)
 from .config import METHODS, Config, ConfigError
-from .context import Context
+from .context import Context, numerics
 from .errors import UserError
 from .data import JointTransform, PairedBatches, build_dataset, eval_loader, train_loader
 from .evaluation import ConfusionMatrix, Scores, summarize, upsample_logits
@@ -49,6 +50,31 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"run.device: {name!r} requested but CUDA is not available")
     return torch.device(name)
+
+
+def compile_segmenter(model: torch.nn.Module) -> torch.nn.Module:
+    """``run.compile``: compile each part of the segmenter in place (``nn.Module.compile``,
+    state-dict keys unchanged): the backbone, each head and each decoder block, so that the
+    methods that call ``model.backbone`` and ``model.heads[...]`` directly (DAST, JAL's
+    transferred decoders) run compiled code too. A deep copy (a method's frozen generator)
+    is an uncompiled module."""
+    for child in model.children():
+        parts = child.children() if isinstance(child, (torch.nn.ModuleDict, torch.nn.ModuleList)) else [child]
+        for m in parts:
+            m.compile()
+    return model
+
+
+def setup_method(cfg: Config, ctx: Context, model: torch.nn.Module):
+    """The method of ``cfg`` on ``model`` with the context's memory format and, with
+    ``run.compile``, the segmenter compiled (after the method is built: copies it makes of
+    the model stay eager)."""
+    if ctx.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    method = METHODS[cfg.method](cfg, model, ctx)
+    if cfg.run.compile:
+        compile_segmenter(model)
+    return method
 
 
 def dist_info() -> tuple[int, int]:
@@ -350,14 +376,11 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
         from .data.check import require_clean
 
         require_clean(data["val"], what="target val split", workers=cfg.run.num_workers)
-    ctx = Context(cfg, device, amp=cfg.run.amp and is_cuda, channels_last=cfg.run.channels_last and is_cuda,
-                  rank=rank, world_size=world,
+    amp, channels_last = numerics(cfg, device)
+    ctx = Context(cfg, device, amp=amp, channels_last=channels_last, rank=rank, world_size=world,
                   target_batches_per_epoch=max(1, len(data["target"]) // (cfg.data.batch_size * world)),
                   run_dir=run_dir, tracker=tracker)
-    model = build_segmenter(cfg, device)
-    if ctx.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    method = METHODS[cfg.method](cfg, model, ctx)
+    method = setup_method(cfg, ctx, build_segmenter(cfg, device))
 
     start = 0
     state = resume_from

@@ -103,13 +103,16 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes: int, *, device: torch.device | str | None = None,
-                 validate: bool = True):
+                 validate: bool = True, sync_free: bool | None = None):
         if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
                 or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = int(num_classes)
         self.device = torch.device("cpu" if device is None else device)
         self.validate = bool(validate)
+        # None: by device (bincount on CPU, the sync-free index_add_ counting elsewhere);
+        # True runs the CUDA branch on any device (the tests run it on the CPU)
+        self.sync_free = sync_free
         self._matrix = torch.zeros((self.num_classes, self.num_classes), dtype=torch.int64,
                                    device=self.device)
         # pixels with invalid values seen by update(validate=False); checked on read
@@ -135,7 +138,7 @@ class ConfusionMatrix:
         idx = t * c + p
         idx = torch.where(ignored, c * c, idx)       # bin c*c: ignored pixels
         idx = torch.where(bad, c * c + 1, idx)       # bin c*c+1: invalid pixels
-        counts = _count(idx, c * c + 2)
+        counts = _count(idx, c * c + 2, use_bincount=None if self.sync_free is None else not self.sync_free)
         if validate:
             if int(counts[c * c + 1]):               # the one host sync of a validated update
                 raise ValueError(self._describe_invalid(p, t, bad_p, bad_t))

@@ -238,9 +238,11 @@ class Curriculum(Method):
         n_t = batch - n_s
         dev = self.ctx.device
         zero = torch.zeros((), device=dev)
-        logs = {"curriculum/gamma": torch.tensor(gamma, device=dev),
-                "curriculum/n_src": torch.tensor(float(n_s), device=dev),
-                "curriculum/hard_ratio": torch.tensor(self.hard_ratio(step) if p.source_hard else 0.0, device=dev)}
+        # filled on the device (torch.full), not copied from the host: a pageable host-to-device
+        # copy waits for the queue on CUDA
+        logs = {"curriculum/gamma": torch.full((), gamma, device=dev),
+                "curriculum/n_src": torch.full((), float(n_s), device=dev),
+                "curriculum/hard_ratio": torch.full((), self.hard_ratio(step) if p.source_hard else 0.0, device=dev)}
         parts = {}  # domain -> (logits of each decoder at the label size, labels with F's pixels kept)
 
         # 2. source part; source hard mining drops easy pixels at the hard ratio

@@ -137,7 +137,7 @@ class WeightTransfer(nn.Module):
         """Eq. 6 on one decoder weight, as ``w + (M - I) * w`` in float32 (the same function
         as ``M * w``; exact at the identity under TF32 and bf16 autocast)."""
         eye = torch.eye(self.weight.shape[0], device=w.device, dtype=self.weight.dtype).view_as(self.weight)
-        with torch.autocast(device_type=w.device.type, enabled=False):
+        with torch.autocast(device_type="cuda" if w.is_cuda else "cpu", enabled=False):  # "meta" has no autocast
             return w + F.conv2d(w, (self.weight - eye).to(w.dtype))
 
     def decode(self, head: nn.Module, feature: Tensor, *, detach_decoder: bool = False) -> Tensor:

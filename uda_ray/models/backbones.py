@@ -47,13 +47,19 @@ class ResNetBackbone(nn.Module):
         depth: 18 or 101.
         dilated: False keeps the plain strided ResNet (output stride 32: layer3 at 1/16,
             layer4 at 1/32), the encoder of encoder-decoder models (MAT).
+        reference_layout: the ResNet of AdaptSegNet's released DeepLab code (depth 101):
+            the stem max-pool rounds up (``ceil_mode=True``: 23x41 instead of 23x40
+            features at 320x180), a strided bottleneck puts its stride on the first
+            1x1 conv instead of the 3x3 (Caffe style), and the first block of layer3 /
+            layer4 is dilated 2 / 4 like the rest of its stage (torchvision: 1 / 2, the
+            previous stage's). Same parameters, so the same state dicts load.
 
     Shape:
         (N, 3, H, W) -> {"layer1": (N, C1, ceil(H/4), ceil(W/4)),
         "layer2".."layer4": (N, Ck, ceil(H/8), ceil(W/8))}, channels in ``self.channels``.
     """
 
-    def __init__(self, *, depth: int, dilated: bool = True) -> None:
+    def __init__(self, *, depth: int, dilated: bool = True, reference_layout: bool = False) -> None:
         super().__init__()
         if depth == 101:
             # weights=None: never download; pretrained weights are loaded from a local file.
@@ -70,6 +76,17 @@ class ResNetBackbone(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             net.layer1, net.layer2, net.layer3, net.layer4)
+        if reference_layout:
+            if depth != 101:
+                raise ValueError("reference_layout is AdaptSegNet's ResNet-101; depth must be 101")
+            self.maxpool.ceil_mode = True
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                for block in layer:
+                    if block.conv2.stride != (1, 1):  # Caffe: the stride moves to the 1x1 conv
+                        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+            if dilated:  # the first block of a dilated stage is dilated as the others (torchvision:
+                for layer in (self.layer3, self.layer4):  # the previous stage's dilation)
+                    _set_dilation(layer[0].conv2, layer[1].conv2.dilation[0])
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -16,6 +16,11 @@ def build_segmenter(cfg, device: torch.device) -> nn.Module:
     is set (a checkpoint file or run directory; one with non-finite weights is refused)."""
     m = cfg.model
     kw = {"multi_level": m.multi_level} if m.arch in ("deeplabv2_r101", "tiny") else {}
+    if m.reference_layout:
+        if m.arch != "deeplabv2_r101":
+            raise ConfigError(f"model.reference_layout: AdaptSegNet's released layout is a deeplabv2_r101 "
+                              f"(model.arch={m.arch})")
+        kw["reference_layout"] = True
     if m.arch in ("r18_ppm", "tiny_ppm"):
         try:
             bins = tuple(int(b) for b in m.ppm_bins.split(","))

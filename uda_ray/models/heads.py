@@ -13,12 +13,16 @@ class ASPPClassifier(nn.Module):
     """DeepLab-v2 ASPP classifier: parallel 3x3 dilated convs straight to class scores, summed.
 
     All branches are summed. The original AdaptSegNet code returns inside its loop after
-    the first two branches; that bug is deliberately not reproduced (see ``tests``).
+    the first two branches; that is not reproduced by default (see ``tests``), only with
+    ``reference_layout``.
 
     Args:
         in_channels: channels of the input feature.
         num_classes: number of output classes.
         rates: dilation (= padding) of each branch; DeepLab-v2 uses 6/12/18/24.
+        reference_layout: sum only the first two branches, as AdaptSegNet's released
+            ``Classifier_Module.forward`` does (it returns inside its loop); the other
+            branches keep their parameters (they load and checkpoint) but get no gradient.
 
     Shape:
         (N, in_channels, h, w) -> (N, num_classes, h, w)
@@ -30,8 +34,9 @@ class ASPPClassifier(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, *,
-                 rates: tuple[int, ...] = DEEPLAB_V2_RATES) -> None:
+                 rates: tuple[int, ...] = DEEPLAB_V2_RATES, reference_layout: bool = False) -> None:
         super().__init__()
+        self.used = min(2, len(rates)) if reference_layout else len(rates)
         if not rates:
             raise ValueError("ASPPClassifier needs at least one rate")
         self.rates = tuple(int(r) for r in rates)
@@ -45,7 +50,7 @@ class ASPPClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.branches[0](x)
-        for branch in self.branches[1:]:
+        for branch in self.branches[1:self.used]:
             out = out + branch(x)
         return out
 

@@ -101,25 +101,33 @@ class DeepLabV2ResNet101(Segmenter):
         multi_level: add the "aux" head on layer3.
         aspp_rates: dilation rates of the ASPP branches.
         pretrained: None, ``"torchvision"`` (hub cache ``resnet101-63fe2227.pth``), or a path.
+        reference_layout: the network of AdaptSegNet's released code (``deeplab_multi.py``),
+            which every GTA5 -> Cityscapes number built on it inherits, off by default: its
+            ASPP sums only the first two of its four branches, its stem max-pool rounds up,
+            its strided bottleneck carries the stride on the 1x1 conv (Caffe), and the first
+            blocks of layer3 / layer4 are dilated 2 / 4 (torchvision's: 1 / 2). Its
+            BatchNorm in train mode is ``model.bn=shared``.
 
     Shape:
         (N, 3, H, W) -> logits (N, num_classes, ceil(H/8), ceil(W/8)) for "main" (and "aux");
         features "layer1" (N, 256, ceil(H/4), ceil(W/4)), "layer2"/"layer3"/"layer4"
-        (N, 512/1024/2048, ceil(H/8), ceil(W/8)).
+        (N, 512/1024/2048, ceil(H/8), ceil(W/8)). With ``reference_layout`` the stem pool
+        rounds up, so features can be one larger (23x41 instead of 23x40 at 320x180).
     """
 
     torchvision_arch = "resnet101"
 
     def __init__(self, *, num_classes: int, multi_level: bool = True,
                  aspp_rates: tuple[int, ...] = DEEPLAB_V2_RATES,
-                 pretrained: str | os.PathLike | None = None) -> None:
+                 pretrained: str | os.PathLike | None = None, reference_layout: bool = False) -> None:
         super().__init__()
         self.num_classes, self.output_stride = num_classes, 8
-        self.backbone = ResNetBackbone(depth=101)
+        self.backbone = ResNetBackbone(depth=101, reference_layout=reference_layout)
         self.feature_channels = dict(self.backbone.channels)
         self.head_inputs = {"main": "layer4"} | ({"aux": "layer3"} if multi_level else {})
         self.heads = nn.ModuleDict({
-            name: ASPPClassifier(self.feature_channels[f], num_classes, rates=aspp_rates)
+            name: ASPPClassifier(self.feature_channels[f], num_classes, rates=aspp_rates,
+                                 reference_layout=reference_layout)
             for name, f in self.head_inputs.items()})
         self._load_pretrained(pretrained)
 
