@@ -253,10 +253,14 @@ def drive_trial(config: dict, ctx: dict) -> None:
     else:
         run_id = client.create_run(ctx["experiment_id"], run_name=run_name,
                                    tags={**tags, **tracking.owner_tags()}).info.run_id
-    run_dir = str(Path(ctx["out"]) / ctx["study"] / run_name)
+    # The run directory and Ray's run name carry the config hash: a row whose config changed
+    # between two runs of the study (an edited study script) trains anew in its own directory
+    # instead of meeting the old config's checkpoint (which would be refused).
+    dir_name = f"{run_name}-{tags['config_hash']}"
+    run_dir = str(Path(ctx["out"]) / ctx["study"] / dir_name)
     try:
         result = distributed.run_trainer(
-            flat, run_dir=run_dir, name=f"{ctx['study']}-{run_name}", storage_path=ctx["storage_path"],
+            flat, run_dir=run_dir, name=f"{ctx['study']}-{dir_name}", storage_path=ctx["storage_path"],
             num_workers=ctx["workers"], use_gpu=ctx["gpus"] > 0, cpus_per_worker=ctx["cpus"],
             gpus_per_worker=ctx["gpus"] or None, max_failures=ctx["max_failures"],
             mlflow={"experiment": ctx["study"], "tracking_uri": ctx["tracking_uri"], "run_id": run_id},
