@@ -32,7 +32,7 @@ from .config import METHODS, Config, ConfigError
 from .context import Context, numerics
 from .errors import UserError
 from .data import JointTransform, PairedBatches, build_dataset, eval_loader, train_loader
-from .evaluation import ConfusionMatrix, Scores, summarize, upsample_logits
+from .evaluation import ConfusionMatrix, Scores, predict, summarize
 from .models import build_segmenter
 from .mosaic import mosaic_png
 
@@ -213,7 +213,7 @@ def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int 
             logp = torch.log_softmax(logits.float(), dim=1)
             h = -(logp.exp() * logp).sum(1) / math.log(logits.shape[1])
             ent += torch.stack([h.sum().double(), torch.tensor(h.numel(), dtype=torch.float64, device=h.device)])
-        pred = upsample_logits(logits, b["label"].shape[-2:]).argmax(1)
+        pred = predict(logits, b["label"].shape[-2:], chunk_size=None)
         cm.update(pred, b["label"])
         if len(triplets) < mosaic:
             maps = {k: v[0].float().clamp(0, 1).cpu() for k, v in method.mosaic_maps(b["image"]).items()}
