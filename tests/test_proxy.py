@@ -264,3 +264,47 @@ def test_refocused_fraction_is_counted_and_logged(data_root, tmp_path):
                      tmp_path / "p", num_classes=19, device=torch.device("cpu"))
     m = stats.metrics()
     assert 0.3 <= m["proxy/refocused_frac"] <= 0.31 and m["proxy/kept_frac"] <= m["proxy/refocused_frac"]
+
+
+@pytest.mark.parametrize("kind", ["global", "class_balanced", "adversarial"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_network_pass_gives_the_labels_of_a_pass_per_histogram(data_root, tmp_path, kind, dtype):
+    """With a two-part score the network runs once per image and its outputs (in their own
+    dtype: float32, or bf16 as under CUDA autocast) are read back by every pass: the
+    thresholds and every label PNG are those of rerunning the network in each pass."""
+    from trees import tiny_cfg
+    from uda_ray.engine import build_datasets
+    from uda_ray.proxy import TwoStageScore, log_softmax_at, stats_passes
+
+    ds = build_datasets(tiny_cfg(data_root, tmp_path, "source_only", **{"data.select_n": 1}))["target_eval"]
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 19, 3, stride=4, padding=1)
+    disc = torch.nn.Conv2d(19, 1, 3, stride=2, padding=1)
+    calls = []
+
+    @torch.no_grad()
+    def raw(images):
+        calls.append(images.shape[0])
+        logits = net(images).to(dtype)
+        return logits, disc(logits.float()).to(dtype)
+
+    def finish(outputs, size):
+        logits, d = outputs
+        d = torch.nn.functional.interpolate(d.float(), size=size, mode="bilinear", align_corners=True)
+        return log_softmax_at(logits, size), adversarial_confidence_logit([d])
+
+    policy = ProxyPolicy(kind, portion=0.4, portion2=0.6)
+    score = TwoStageScore(raw, finish, finish_confidence=lambda outputs, size: finish(outputs, size)[1])
+    rerun = generate(ds, score, policy, tmp_path / "rerun", num_classes=19, device=torch.device("cpu"), cache=None)
+    assert len(calls) == (stats_passes(policy) + 1) * len(ds)  # the network in every pass
+    calls.clear()
+    once = generate(ds, score, policy, tmp_path / "once", num_classes=19, device=torch.device("cpu"))
+    assert len(calls) == len(ds)  # the network once per image
+    assert once.cache_bytes > 0 and not list(tmp_path.glob(".once.scores.*"))  # the cache is removed
+    for a, b in [(rerun.thresholds.t, once.thresholds.t), (rerun.thresholds.t_class, once.thresholds.t_class)]:
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert rerun.thresholds.t1 == once.thresholds.t1
+    assert (rerun.kept, rerun.kept_per_class, rerun.refocused) == (once.kept, once.kept_per_class, once.refocused)
+    assert 0 < once.kept < once.pixels
+    for png in (tmp_path / "rerun").rglob("*.png"):
+        assert png.read_bytes() == (tmp_path / "once" / png.relative_to(tmp_path / "rerun")).read_bytes(), png

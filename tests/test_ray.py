@@ -161,3 +161,71 @@ def test_study_across_two_nodes_records_rows_and_skips_finished_ones(cluster, da
     broken = next(r for r in again if r.data.tags["row"] == "broken")
     # the first run diverged (NonFiniteLoss); the second refuses to resume the diverged run
     assert broken.info.status == "FAILED" and "this run diverged" in broken.data.tags["error"]
+
+
+def _study_base(data_root, tmp_path, **values) -> dict:
+    return {k: v for k, v in tiny_cfg(data_root, tmp_path, "source_only", **values).flat().items()
+            if not k.startswith("source_only.") and k != "method"}
+
+
+def _child_runs(uri: str, study: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(study)
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("uda_ray.kind") == "row"]
+
+
+def test_a_killed_in_process_trial_resumes_bit_identically(cluster, data_root, tmp_path):
+    """A single-worker CPU trial fits in its Tune trial's process (no TorchTrainer); killed
+    hard right after its step-2 checkpoint, Tune restarts it from that checkpoint and the
+    row ends with the weights of an uninterrupted run."""
+    from uda_ray.distributed import KILL_ENV
+    from uda_ray.study import Row, Study, run_study
+
+    values = {"run.iterations": 4, "run.checkpoint_every": 2}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trial (1 CPU): same float reduction order
+    try:
+        ref = fit(tiny_cfg(data_root, tmp_path, "source_only", **values, **{"run.name": "ref"}))
+    finally:
+        torch.set_num_threads(threads)
+    study = Study(name="killed", base=_study_base(data_root, tmp_path, **values), seeds=(0,),
+                  rows=[Row("a", "source_only")], cpus_per_worker=0.9)
+    assert study.in_process
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run_study(study, address=cluster.address, storage_path=str(tmp_path / "storage"), tracking_uri=uri,
+                     out=str(tmp_path / "out"), env={KILL_ENV: "2"}) == 0
+    (run,) = _child_runs(uri, "killed")
+    (run_dir,) = (tmp_path / "out" / "killed").glob("a-s0-*")
+    assert (run_dir / ".killed-once").exists()  # the trial's process really died at step 2
+    assert run.info.status == "FINISHED" and "val/mIoU" in run.data.metrics
+    assert run.data.tags["checkpoint"].startswith(str(tmp_path / "storage"))  # persisted by Tune
+    a = _model_state(checkpoint_path(ref.run_dir))["model"]
+    b = _model_state(os.path.join(run.data.tags["checkpoint"], "last.pt"))["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_study_with_ray_train_fits_each_trial_with_a_torch_trainer(cluster, data_root, tmp_path):
+    """ray_train=True keeps the TorchTrainer path (what multi-worker and GPU studies use)."""
+    from uda_ray.study import Row, Study, run_study
+
+    study = Study(name="trainer", base=_study_base(data_root, tmp_path, **{"run.iterations": 2}), seeds=(0,),
+                  rows=[Row("a", "source_only"), Row("b", "adabn", init_from="a")], ray_train=True)
+    assert not study.in_process
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run_study(study, address=cluster.address, storage_path=str(tmp_path / "storage"), tracking_uri=uri,
+                     out=str(tmp_path / "out")) == 0
+    runs = {r.data.tags["row"]: r for r in _child_runs(uri, "trainer")}
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    # Ray Train's own run folder (named after the row x seed and its config hash) holds the checkpoint
+    assert f"trainer-a-s0-{runs['a'].data.tags['config_hash']}" in runs["a"].data.tags["checkpoint"]
+    assert runs["b"].data.params["run.init_from"] == runs["a"].data.tags["checkpoint"]
+
+
+def test_ray_train_false_refuses_several_workers():
+    from uda_ray.study import Row, Study
+
+    with pytest.raises(ValueError, match="need Ray Train"):
+        Study(name="x", rows=[Row("a", "source_only")], workers_per_trial=2, ray_train=False)

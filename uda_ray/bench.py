@@ -417,3 +417,111 @@ def bench_proxy(*, images: int, width: int, height: int, num_classes: int = 19, 
             "seconds_proxy_module": stats.seconds - passes * t_scores,
             "kept_frac": stats.kept / max(1, stats.pixels),
             ("peak_gpu_mem_MiB" if dev.type == "cuda" else "peak_rss_MiB"): stats.peak_mem_mb}
+
+
+def bench_proxy_model(*, preset: str = "study-cpu", images: int = 50, overrides: dict | None = None,
+                      kind: str = "adversarial", device: str = "auto", rounds: int = 1) -> dict:
+    """MAT's proxy-label generation with a real model over the first ``images`` target-train
+    images of the config's data, against one evaluation pass and one forward pass over the
+    same images (the target of issue 12: generation <= 1.2x an evaluation pass, evaluation
+    <= 1.5x a forward pass). Generation is timed with the network run once per image (its
+    outputs kept on disk, the default) and, for the before/after, rerun in every pass.
+    Each case's fastest of ``rounds`` (interleaved) is kept.
+
+    The model is MAT's adversarial stage freshly initialised (random weights: the cost does
+    not depend on them), saved and loaded as the proxy stage's ``init_from``, as a study does.
+    """
+    import math
+    import tempfile
+    from pathlib import Path
+
+    from .checkpoint import save_checkpoint
+    from .config import load_config
+    from .context import numerics
+    from .engine import (Context, build_datasets, build_segmenter, ensure_data, evaluate, resolve_device,
+                         setup_method)
+    from .proxy import ProxyPolicy, generate, stats_passes
+
+    dev = resolve_device(device)
+    values = {"run.device": str(dev), "model.arch": "mat_tiny" if preset != "paper" else "mat_r101",
+              **(overrides or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        adv = load_config(None, {**values, "run.out": tmp}, preset=preset, method="mat")
+        ensure_data(adv)
+        amp, cl = numerics(adv, dev)
+        ctx = Context(adv, dev, amp=amp, channels_last=cl, run_dir=Path(tmp))
+        torch.manual_seed(0)
+        stage = setup_method(adv, ctx, build_segmenter(adv, dev))
+        init = save_checkpoint(Path(tmp) / "adv" / "last.pt", stage, 0, adv)
+        cfg = load_config(None, {**values, "run.out": tmp, "mat.proxy": True, "run.init_from": str(init)},
+                          preset=preset, method="mat")
+        method = setup_method(cfg, Context(cfg, dev, amp=amp, channels_last=cl, run_dir=Path(tmp)),
+                              build_segmenter(cfg, dev))
+        data = build_datasets(cfg)
+        n = min(images, len(data["target_eval"]))
+        subset = torch.utils.data.Subset(data["target_eval"], range(n))
+        score = method._generator()
+        policy = ProxyPolicy(kind, portion=cfg.params.p1 if kind == "adversarial" else cfg.params.p2,
+                             portion2=cfg.params.p2)
+        to_device = method.ctx.to_device
+
+        def sync():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        def forward_pass():
+            with torch.no_grad():
+                for i in range(n):
+                    method.predict(subset[i]["image"][None].to(dev))
+            sync()
+
+        class Labelled(torch.utils.data.Dataset):  # the same images as a labelled split
+            num_classes = cfg.data.num_classes
+
+            def __len__(self):
+                return n
+
+            def __getitem__(self, i):
+                return subset[i]
+
+        def eval_pass():
+            evaluate(method, Labelled(), method.ctx)
+            sync()
+
+        stats = {}
+
+        def gen(cache):
+            def run():
+                with tempfile.TemporaryDirectory() as out:
+                    stats[cache] = generate(subset, score, policy, Path(out) / "p", num_classes=cfg.data.num_classes,
+                                            device=dev, to_device=to_device, progress=False,
+                                            cache="auto" if cache else None)
+                sync()
+            return run
+
+        cases = {"forward pass": forward_pass, "evaluation pass": eval_pass, "generation, network once": gen(True),
+                 "generation, network every pass": gen(False)}
+        best = {k: math.inf for k in cases}
+        method.model.eval()
+        for _ in range(max(1, rounds)):
+            for k, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                best[k] = min(best[k], time.perf_counter() - t0)
+    h, w = cfg.data.target_h, cfg.data.target_w
+    per_image = stats[True].cache_bytes / max(1, n)
+    cityscapes = per_image * 2975 * (1024 * 512) / (w * h)
+    return {"device": str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
+            "policy": kind, "images": n, "size": f"{w}x{h}", "arch": cfg.model.arch,
+            "passes": stats_passes(policy) + 1, **{f"seconds: {k}": v for k, v in best.items()},
+            "evaluation / forward": best["evaluation pass"] / best["forward pass"],
+            "generation (once) / evaluation": best["generation, network once"] / best["evaluation pass"],
+            "generation (every pass) / evaluation": best["generation, network every pass"] / best["evaluation pass"],
+            "cache MiB": stats[True].cache_bytes / 2**20,
+            "cache GiB at Cityscapes train (2975 x 1024x512, same dtype)": cityscapes / 2**30,
+            "same thresholds both ways": _same_thresholds(stats[True].thresholds, stats[False].thresholds)}
+
+
+def _same_thresholds(a, b) -> bool:
+    eq = lambda x, y: (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))  # noqa
+    return eq(a.t, b.t) and eq(a.t_class, b.t_class) and a.t1 == b.t1

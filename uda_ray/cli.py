@@ -162,6 +162,16 @@ def _cmd_bench_device(args) -> int:
                             device=args.device)
 
 
+def _cmd_bench_study(args) -> int:
+    from .bench_study import bench_study, format_report
+
+    result = bench_study(seeds=args.seeds, iterations=args.iterations, concurrency=args.concurrency,
+                         ray_train=True if args.ray_train == "always" else None, data_root=args.data_root,
+                         out=args.out)
+    print(format_report(result))
+    return result["totals"]["returncode"]
+
+
 def _cmd_bench_proxy(args) -> int:
     from .bench import bench_proxy
     from .config import ConfigError
@@ -170,6 +180,18 @@ def _cmd_bench_proxy(args) -> int:
         w, h = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise ConfigError(f"--size: expected WIDTHxHEIGHT (e.g. 1024x512), got {args.size!r}") from None
+    if args.model:
+        from .bench import bench_proxy_model
+        from .config import parse_overrides
+
+        r = bench_proxy_model(preset=args.preset, images=args.images, overrides=parse_overrides(args.set or []),
+                              kind=args.policy, device=args.device, rounds=args.rounds)
+        print(f"MAT proxy generation ({r['policy']}) with a real {r['arch']} model over {r['images']} images at "
+              f"{r['size']} on {r['device']}, against an evaluation pass and a forward pass over the same images")
+        for k, v in r.items():
+            if k not in ("device", "policy", "arch", "size", "images"):
+                print(f"  {k:<60} {v:.4g}" if isinstance(v, float) else f"  {k:<60} {v}")
+        return 0
     r = bench_proxy(images=args.images, width=w, height=h, num_classes=args.classes, kind=args.policy,
                     portion=args.portion, portion2=args.portion2, device=args.device)
     print(f"proxy generation ({r['policy']}) over {r['images']} x {r['classes']} x {h} x {w} scores on {r['device']}")
@@ -332,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--proxy-images", type=_count, default=200, help="images of the proxy benchmark (0: skip)")
     bd.add_argument("--device", default="auto")
     bd.set_defaults(func=_cmd_bench_device)
+    bst = bsub.add_parser("study", help="the overhead of a study: a small fixed study (source-only, then AdaBN and "
+                                         "AdaptSegNet from it) with every trial's wall time split into Ray/Tune "
+                                         "start, fit phases (training steps, evaluation, checkpoints) and teardown")
+    bst.add_argument("--seeds", type=_positive, default=3, help="seeds of each row (default: %(default)s)")
+    bst.add_argument("--iterations", type=_positive, default=60,
+                     help="training iterations of source-only and AdaptSegNet (default: %(default)s)")
+    bst.add_argument("--concurrency", type=_positive, default=2, help="trials at a time (default: %(default)s)")
+    bst.add_argument("--ray-train", choices=("auto", "always"), default="auto",
+                     help="auto: single-worker CPU trials fit in their Tune process; always: a TorchTrainer per "
+                          "trial (default: %(default)s)")
+    bst.add_argument("--data-root", default=None, help="the embedded benchmark's folder (default: the preset's)")
+    bst.add_argument("--out", default=None, help="work folder (default: a new temporary folder)")
+    bst.set_defaults(func=_cmd_bench_study)
     bp = bsub.add_parser("proxy", help="time and peak memory of one proxy-label generation over a synthetic "
                                        "score volume (default: Cityscapes train, 2975 x 19 x 512 x 1024)")
     bp.add_argument("--images", type=_positive, default=2975)
@@ -341,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--portion", type=float, default=0.6, help="global/class_balanced portion, or MAT's p1")
     bp.add_argument("--portion2", type=float, default=0.8, help="MAT's p2 (adversarial policy)")
     bp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    bp.add_argument("--model", action="store_true",
+                    help="MAT's generation with a real model over the preset's target images (--images of them), "
+                         "timed against an evaluation pass and a forward pass over the same images")
+    bp.add_argument("--preset", default="study-cpu", help="with --model: the preset (default: %(default)s)")
+    bp.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --model: config overrides")
+    bp.add_argument("--rounds", type=_positive, default=1, help="with --model: keep each case's fastest of N")
     bp.set_defaults(func=_cmd_bench_proxy)
     return p
 

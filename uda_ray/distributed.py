@@ -6,6 +6,8 @@
   ``ray.train.get_checkpoint()`` after a failure.
 * :func:`run_trainer` builds the ``TorchTrainer`` (DDP process group: gloo on CPU, NCCL on
   GPU), with ``FailureConfig`` and a checkpoint retention policy.
+* :func:`fit_in_trial` fits a single-process CPU trial inside its Tune trial (no worker group
+  to start), with Tune's checkpoints and restarts.
 * :func:`tune_rows` runs Tune trials whose trainable is a small *driver* that builds a
   ``TorchTrainer`` per trial (``Tuner(trainer)`` no longer exists in V2), with Optuna
   search, ASHA and a concurrency limit.
@@ -35,6 +37,16 @@ def _resolve_init_from(path: str) -> str:
     return local
 
 
+def _loaded(checkpoint) -> dict | None:
+    """The uda-ray checkpoint state inside a Ray (Train or Tune) checkpoint, or None."""
+    if checkpoint is None:
+        return None
+    from .checkpoint import load_checkpoint_file
+
+    with checkpoint.as_directory() as d:
+        return load_checkpoint_file(d)
+
+
 def train_worker(config: dict) -> None:
     """Per-worker function of the ``TorchTrainer``. ``config``: ``flat`` (the flat config),
     ``run_dir``, and optionally ``mlflow`` (tracking URI, experiment, run id to log into)."""
@@ -43,7 +55,6 @@ def train_worker(config: dict) -> None:
     import torch
 
     from .config import build_config
-    from .checkpoint import load_checkpoint_file
     from .engine import fit
     from .tracking import MlflowTracker
 
@@ -57,11 +68,7 @@ def train_worker(config: dict) -> None:
     if device.type == "cpu" and config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
 
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_checkpoint_file(d)
+    resume = _loaded(ray.train.get_checkpoint())
 
     tracker = None
     m = config.get("mlflow")
@@ -79,6 +86,55 @@ def train_worker(config: dict) -> None:
             os._exit(1)  # a hard worker death, as a lost node would be
 
     fit(cfg, run_dir=config["run_dir"], tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume)
+
+
+def fit_in_trial(flat: dict, *, run_dir: str, storage_path: str, threads: int = 1, mlflow: dict | None = None,
+                 env: dict | None = None) -> str | None:
+    """Fit one single-process CPU config inside the running Tune trial itself, without a
+    ``TorchTrainer``: a worker group adds nothing to one CPU process but ~20 s of start and
+    teardown per trial (``uda-ray bench study``). The same guarantees by Tune's means: each
+    checkpoint is reported with ``ray.tune.report`` (persisted under the study's storage, as
+    Ray Train does), and a trial restarted after a failure (``FailureConfig(max_failures)``
+    of the Tune run) resumes from ``ray.tune.get_checkpoint()``; the training code is the
+    same :func:`~uda_ray.engine.fit`. Returns the persisted path (or URI) of the last
+    checkpoint, which dependent rows start from."""
+    import ray.tune
+    import torch
+
+    from .config import build_config
+    from .engine import fit
+
+    os.environ.update(env or {})
+    flat = dict(flat)
+    flat["run.device"] = "cpu"
+    flat["run.init_from"] = _resolve_init_from(flat.get("run.init_from", ""))
+    cfg = build_config(flat)
+    torch.set_num_threads(max(1, threads))
+
+    resume = _loaded(ray.tune.get_checkpoint())  # a restarted trial
+
+    tracker = None
+    if mlflow:
+        from .tracking import MlflowTracker
+
+        tracker = MlflowTracker(experiment=mlflow["experiment"], tracking_uri=mlflow.get("tracking_uri"),
+                                run_id=mlflow["run_id"])
+    kill_at = int(os.environ.get(KILL_ENV, "0"))
+    marker = Path(run_dir) / ".killed-once"
+    last: list[str] = []
+
+    def on_checkpoint(path: Path, metrics: dict) -> None:
+        ray.tune.report({k: v for k, v in metrics.items() if v is not None},
+                        checkpoint=ray.tune.Checkpoint.from_directory(str(path.parent)))
+        # where Tune persisted it: the trial's current checkpoint folder once reported
+        storage = ray.tune.get_context().get_storage()
+        last[:] = [_join(storage_path, str(Path(storage.checkpoint_fs_path).relative_to(storage.storage_fs_path)))]
+        if kill_at and metrics.get("step") == kill_at and not marker.exists():
+            marker.touch()
+            os._exit(1)  # a hard death of the trial's process, as a lost node would be
+
+    fit(cfg, run_dir=run_dir, tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume)
+    return last[0] if last else None
 
 
 def run_trainer(flat: dict, *, run_dir: str, name: str, storage_path: str, num_workers: int = 1,
@@ -142,13 +198,21 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
               mode: str | list[str] = "max", seed: int = 0, storage_path: str, name: str,
               max_concurrent: int = 2, driver_cpus: float = 0.1, asha: dict | None = None,
               optuna_storage: str | None = None, optuna_study: str | None = None, resume: bool = True,
-              verbose: int = 1):
+              verbose: int = 1, trial_resources: dict | None = None, max_failures: int = 0,
+              callbacks: list | None = None, search_alg=None, scheduler=None):
     """Run Tune trials whose trainable is a Train driver.
 
-    Either ``trials`` (a fixed list of trial configs, run as a grid) or ``space`` (an Optuna
+    Either ``trials`` (a fixed list of trial configs, run as a grid), ``space`` (an Optuna
     define-by-run function ``space(trial) -> dict | None`` of constants, searched with
-    ``num_samples`` trials by a seeded TPE sampler, persisted in ``optuna_storage``).
+    ``num_samples`` trials by a seeded TPE sampler, persisted in ``optuna_storage``), or
+    ``search_alg`` (a searcher that hands out trials until it says FINISHED, e.g. a study's
+    :class:`~uda_ray._tune_schedule.RowScheduler`, with an optional ``scheduler``).
     Returns the ``ResultGrid``. An interrupted run of the same ``name`` is restored.
+
+    ``trial_resources``: what each trial holds when it trains in its own process
+    (:func:`fit_in_trial`; then Tune restarts a failed trial up to ``max_failures`` times);
+    by default a trial holds only a driver's share and its ``TorchTrainer`` asks for the
+    workers' resources (and restarts them itself). ``callbacks``: Tune callbacks.
     """
     from ray import tune
 
@@ -159,7 +223,10 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # On a cluster whose head advertises "trial_driver" slots (cluster.yaml), drivers run
     # there and leave every CPU and GPU to the training workers; locally, a CPU share.
-    res = {"trial_driver": 1} if ray.cluster_resources().get("trial_driver") else {"CPU": driver_cpus}
+    if trial_resources is not None:
+        res = trial_resources
+    else:
+        res = {"trial_driver": 1} if ray.cluster_resources().get("trial_driver") else {"CPU": driver_cpus}
     driver = tune.with_resources(trainable, res)
     path = _join(storage_path, name)
     if resume and tune.Tuner.can_restore(path):
@@ -167,28 +234,53 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
                                    restart_errored=False)
         return tuner.fit()
     tune_kw: dict = {"max_concurrent_trials": max_concurrent}
-    if space is not None:
-        import optuna
-
-        from ._tune_search import MetricReportsOptunaSearch
-
+    param_space: dict = {}
+    if search_alg is not None:  # a searcher that hands out the trials until it says FINISHED
+        tune_kw.update(search_alg=search_alg, num_samples=-1)
+        if scheduler is not None:
+            tune_kw["scheduler"] = scheduler
+    elif space is not None:
         multi = isinstance(metric, (list, tuple))
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, max(1, num_samples // 2)))
-        storage = optuna.storages.RDBStorage(optuna_storage) if optuna_storage else None
-        search = MetricReportsOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler,
-                              study_name=optuna_study, storage=storage, seed=None)
+        search = optuna_searcher(space, metric=metric, mode=mode, seed=seed, num_samples=num_samples,
+                                 storage=optuna_storage, study_name=optuna_study)
         tune_kw.update(search_alg=search, num_samples=num_samples)
         if asha and not multi:
             from ray.tune.schedulers import ASHAScheduler
 
             tune_kw["scheduler"] = ASHAScheduler(metric=metric, mode=mode, time_attr="step", **asha)
-        param_space: dict = {}
     else:
         param_space = {"trial": tune.grid_search(trials or [])}
     tuner = tune.Tuner(driver, param_space=param_space, tune_config=tune.TuneConfig(**tune_kw),
                        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
-                                                 failure_config=tune.FailureConfig(max_failures=0)))
+                                                 callbacks=callbacks or [],
+                                                 failure_config=tune.FailureConfig(max_failures=max_failures)))
     return tuner.fit()
+
+
+def optuna_searcher(space: Callable, *, metric, mode, seed: int, num_samples: int, storage: str | None = None,
+                    study_name: str | None = None):
+    """Tune's Optuna searcher of a define-by-run ``space``: a seeded TPE sampler, the study
+    persisted in ``storage`` (an RDB URL) under ``study_name``."""
+    import optuna
+
+    from ._tune_search import MetricReportsOptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, max(1, num_samples // 2)))
+    rdb = optuna.storages.RDBStorage(storage) if storage else None
+    return MetricReportsOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name,
+                                     storage=rdb, seed=None)
+
+
+ERROR_KEY = "uda_ray_error"  # a trial's last report when it failed for a reason a retry cannot fix
+
+
+def report_error(text: str) -> None:
+    """End a Tune trial as failed without an exception, so that Tune does not restart it (a
+    user error, e.g. a diverged run, fails again on every retry); the study and its
+    scheduler read the report."""
+    from ray import tune
+
+    tune.report({ERROR_KEY: text})
 
 
 def trial_id() -> str:

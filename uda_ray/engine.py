@@ -227,21 +227,23 @@ def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int 
     return summarize(matrix, str(dataset.num_classes)), triplets, mean_entropy
 
 
-def evaluate_all(method, data: dict, ctx: Context, *, mosaic: int = 0) -> tuple[dict, Scores, list]:
+def evaluate_all(method, data: dict, ctx: Context, *, mosaic: int = 0,
+                 progress: bool = False) -> tuple[dict, Scores, list]:
     """Every evaluation of a checkpoint, by prefix: ``val/`` (the reported split, per class),
     ``sel/`` (the selection split, what studies choose on), ``tgt/entropy`` (label-free, on
     the selection images) and ``src/`` (label-free w.r.t. the target: held-out source)."""
     run = ctx.cfg.run
     if ctx.world_size > 1:
         sync_buffers(method, ctx.world_size)
-    scores, triplets, _ = evaluate(method, data["val"], ctx, max_images=run.max_val_images, mosaic=mosaic)
+    scores, triplets, _ = evaluate(method, data["val"], ctx, max_images=run.max_val_images, mosaic=mosaic,
+                                   progress=progress)
     metrics = scores.as_dict("val/")
     if "sel" in data:
-        sel, _, ent = evaluate(method, data["sel"], ctx, entropy=True)
+        sel, _, ent = evaluate(method, data["sel"], ctx, entropy=True, progress=progress)
         metrics.update(sel.as_dict("sel/", per_class=False))
         metrics["tgt/entropy"] = ent
     if "src_val" in data:
-        src, _, _ = evaluate(method, data["src_val"], ctx)
+        src, _, _ = evaluate(method, data["src_val"], ctx, progress=progress)
         metrics.update(src.as_dict("src/", per_class=False))
     return metrics, scores, triplets
 
@@ -293,6 +295,31 @@ class RunResult:
     scores: Scores | None
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
+    phases: dict = field(default_factory=dict)  # seconds by phase (see :class:`Phases`)
+
+
+class Phases:
+    """Wall seconds of a fit by phase, logged as ``perf/<phase>_s`` at its end, so that a
+    study can account for its time (``uda-ray bench study``): ``setup`` (device, data,
+    model, restore), ``prepare`` (a method's pass before training, e.g. AdaBN's statistics),
+    ``proxy`` (proxy-label generation and other work at phase starts), ``train`` (the
+    training steps alone), ``eval``, ``checkpoint`` (saving and reporting it) and
+    ``reports`` (per-class table, mosaic). ``fit_start_unix`` / ``fit_end_unix`` place the
+    fit in a trial's wall time."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start_unix = time.time()
+
+    def add(self, name: str, t0: float) -> float:
+        """Add the time since ``t0`` (a ``perf_counter``) to ``name``; returns now."""
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - t0
+        return now
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"perf/{k}_s": v for k, v in self.seconds.items()},
+                "perf/fit_start_unix": self.start_unix, "perf/fit_end_unix": time.time()}
 
 
 class NullTracker:
@@ -354,6 +381,7 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
 def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, resume_from: dict | None,
          stop_at: int) -> RunResult:
     t_start = time.perf_counter()
+    phases = Phases()
     rank, world = dist_info()
     device = resolve_device(cfg.run.device)
     is_cuda = device.type == "cuda"
@@ -403,8 +431,10 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
         return train_loader(data["target"], batch_size=bs, seed=cfg.run.seed * 2 + 1, start=start_pos,
                             rank=rank, world_size=world, num_workers=nw, pin_memory=pin)
 
+    t = phases.add("setup", t_start)
     if start == 0 or not method.trains:
         method.prepare(map(ctx.to_device, tgt_loader(0)))
+    phases.add("prepare", t)
 
     metrics: dict = {}
     scores = None
@@ -424,7 +454,9 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
             if a >= halt:
                 break
             s = max(start, a)
+            t = time.perf_counter()
             tgt_set = method.begin_phase(k, s, data) or data["target"]
+            phases.add("proxy", t)
             pairs = PairedBatches(
                 train_loader(data["source"], batch_size=bs, seed=cfg.run.seed * 2, start=s * bs * world,
                              rank=rank, world_size=world, num_workers=nw, pin_memory=pin)
@@ -433,24 +465,30 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
                              rank=rank, world_size=world, num_workers=nw, pin_memory=pin)
                 if method.needs_target else None)
             scores, metrics = _loop(cfg, method, ctx, pairs, data, s, min(b, halt), iters, horizon, run_dir,
-                                    tracker, bar, on_checkpoint)
+                                    tracker, bar, on_checkpoint, phases)
         if bar is not None:
             bar.close()
         if halt < iters:  # stopped early on request: resumable, not evaluated
-            return RunResult(run_dir, halt, None, {}, time.perf_counter() - t_start)
+            return RunResult(run_dir, halt, None, {}, time.perf_counter() - t_start, phases.seconds)
     if scores is None:  # nothing trained here (a method that does not train, or a finished run)
-        metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=cfg.run.mosaic_images)
+        t = time.perf_counter()
+        metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=cfg.run.mosaic_images,
+                                                 progress=progress and rank == 0)
         tracker.log_metrics(metrics, step=max(iters, start))
+        t = phases.add("eval", t)
         _final_reports(cfg, method, scores, triplets, run_dir, tracker)
+        t = phases.add("reports", t)
         if not method.trains or iters == 0:  # e.g. AdaBN, or evaluating an init_from checkpoint
             path = checkpoint_path(run_dir)
             if rank == 0:
                 save_checkpoint(path, method, 0, cfg, extra={"metrics": metrics})
             if on_checkpoint is not None:
                 on_checkpoint(path, {"step": 0, **metrics})
+            phases.add("checkpoint", t)
     seconds = time.perf_counter() - t_start
-    tracker.log_metrics({"perf/fit_seconds": seconds}, step=max(iters, start))  # for overhead accounting
-    return RunResult(run_dir, max(iters, start), scores, metrics, seconds)
+    # for overhead accounting (uda-ray bench study)
+    tracker.log_metrics({"perf/fit_seconds": seconds, **phases.metrics()}, step=max(iters, start))
+    return RunResult(run_dir, max(iters, start), scores, metrics, seconds, phases.seconds)
 
 
 def scheduled_lr(so, step: int, horizon: int, power: float, batches_per_epoch: int) -> float:
@@ -465,13 +503,17 @@ def scheduled_lr(so, step: int, horizon: int, power: float, batches_per_epoch: i
     raise ValueError(f"unknown learning-rate schedule {so.schedule!r}; expected poly, poly_epoch or const")
 
 
-def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, tracker, bar, on_checkpoint):
-    """Steps ``start`` .. ``stop - 1`` of a run of ``iters`` steps (one phase)."""
+def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, tracker, bar, on_checkpoint,
+          phases: Phases):
+    """Steps ``start`` .. ``stop - 1`` of a run of ``iters`` steps (one phase). The logged
+    ``perf/sec_per_iter`` counts training steps only: evaluation and checkpoints are timed
+    apart (``phases``)."""
     run = cfg.run
     sums: dict[str, torch.Tensor] = {}
     count = 0
     scores, metrics = None, {}
-    t_log = time.perf_counter()
+    t_log = t_phase = time.perf_counter()
+    train_s = 0.0  # training time since the last log
     for step in range(start, stop):
         for so in method.optimizers().values():
             lr = scheduled_lr(so, step, horizon, cfg.optim.poly_power, ctx.target_batches_per_epoch)
@@ -493,23 +535,32 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
                     f"{', '.join(bad)} became non-finite between steps {done - count + 1} and {done} of "
                     f"{cfg.run_name} ({means}); the run is marked diverged and is not resumed. Lower the "
                     f"learning rate or the loss weights, or check the data, and start anew.")
-            dt = time.perf_counter() - t_log
-            means["perf/sec_per_iter"] = dt / count
+            means["perf/sec_per_iter"] = (train_s + time.perf_counter() - t_log) / count
             if "seg" in method.optimizers():
                 means["lr/seg"] = method.optimizers()["seg"].optimizer.param_groups[0]["lr"]
             tracker.log_metrics(means, step=done)
             if bar is not None:
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")},
                                 refresh=False)
-            sums, count, t_log = {}, 0, time.perf_counter()
+            sums, count, train_s, t_log = {}, 0, 0.0, time.perf_counter()
         last = done == iters
         do_eval = last or (run.eval_every and done % run.eval_every == 0)
+        do_ckpt = last or done == stop or (run.checkpoint_every and done % run.checkpoint_every == 0)
+        if do_eval or do_ckpt:  # the steps so far are training time; what follows is not
+            now = time.perf_counter()
+            train_s += now - t_log
+            t = phases.add("train", t_phase)
         if do_eval:
-            metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=run.mosaic_images if last else 0)
+            if bar is not None and last:
+                bar.set_description(f"{cfg.run_name} (evaluating)", refresh=True)
+            metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=run.mosaic_images if last else 0,
+                                                     progress=bar is not None)
             tracker.log_metrics(metrics, step=done)
+            t = phases.add("eval", t)
             if last:
                 _final_reports(cfg, method, scores, triplets, run_dir, tracker)
-        if last or done == stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
+                t = phases.add("reports", t)
+        if do_ckpt:
             if ctx.world_size > 1 and not do_eval:
                 sync_buffers(method, ctx.world_size)
             if ctx.rank == 0:
@@ -518,6 +569,9 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
                 path = checkpoint_path(run_dir)
             if on_checkpoint is not None:
                 on_checkpoint(path, {"step": done, **(metrics if do_eval else {})})
+            t = phases.add("checkpoint", t)
+        if do_eval or do_ckpt:
+            t_log = t_phase = t
     return scores, metrics
 
 

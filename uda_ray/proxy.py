@@ -30,10 +30,15 @@ points more than asked on diffuse confidences at 2048 bins. Refining inside such
 bin is not one pass in general: the bin at 0 spans about 2**30 float32 values; the radix
 digits bound every bucket to 2**16 values, so one refinement pass is always exact.)
 
-Passes over the target set (each reruns the network): 2 for the threshold(s) of
-``global`` and ``class_balanced`` (every class's threshold in the same two passes), 4 for
-``adversarial`` (t2 is taken over the pixels with A >= t1, so t1 must be exact first: its
-two passes, then t2's two), then the labelling pass (:func:`stats_passes`).
+Passes over the target set: 2 for the threshold(s) of ``global`` and ``class_balanced``
+(every class's threshold in the same two passes), 4 for ``adversarial`` (t2 is taken over
+the pixels with A >= t1, so t1 must be exact first: its two passes, then t2's two), then
+the labelling pass (:func:`stats_passes`). The network runs once per image: a score
+function in two parts (:class:`TwoStageScore`: the network's low-resolution outputs, then
+the upsampling and log-softmax) has its outputs kept on local disk in their own dtype
+(:class:`ScoreCache`: bf16 under autocast, float32 otherwise; about 0.9 GB for Cityscapes
+train at 1024x512 in bf16) and every pass reads them, so the thresholds and labels are
+those of running the network in every pass, bit for bit (tested).
 
 Policies (``ProxyPolicy.kind``):
 
@@ -82,6 +87,68 @@ DIGIT = 16  # bits of each radix-select pass: two passes of 2**16 counters cover
 # score_fn(images) -> (log-probabilities (N, C, H, W) at the input size, logit of the
 # adversarial confidence (N, H, W) or None)
 ScoreFn = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
+@dataclass
+class TwoStageScore:
+    """A score function in two parts, so that the network runs once per image:
+    ``raw(images) -> tuple of tensors`` (the network's outputs at their own, low,
+    resolution) and ``finish(raw, size) -> (log-probabilities, confidence logit or None)``
+    at the input size. Called as a plain score function, it is ``finish(raw(images))``."""
+
+    raw: Callable[[Tensor], tuple[Tensor, ...]]
+    finish: Callable[[tuple[Tensor, ...], tuple[int, int]], tuple[Tensor, Tensor | None]]
+    # optional: the confidence logit alone (t1's passes need nothing else), as finish's
+    finish_confidence: Callable[[tuple[Tensor, ...], tuple[int, int]], Tensor] | None = None
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.finish(self.raw(images), tuple(images.shape[-2:]))
+
+
+class ScoreCache:
+    """The raw outputs of a :class:`TwoStageScore` for every image of a set, on local disk
+    (one file, each tensor's bytes in its own dtype), read back one image at a time: memory
+    stays one image's outputs whatever the size of the set."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "wb")
+        self.index: dict[int, tuple[tuple[int, int], list[tuple[int, tuple, torch.dtype]]]] = {}
+        self._offset = 0
+
+    def put(self, i: int, size: tuple[int, int], raw: tuple[Tensor, ...]) -> None:
+        entries = []
+        for t in raw:
+            t = t.detach().contiguous()
+            data = t.cpu().view(-1).view(torch.uint8).numpy().tobytes()
+            self._f.write(data)
+            entries.append((self._offset, tuple(t.shape), t.dtype))
+            self._offset += len(data)
+        self.index[i] = (tuple(size), entries)
+
+    def close_writing(self) -> None:
+        self._f.close()
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if self._offset else None
+
+    def get(self, i: int, device) -> tuple[tuple[int, int], tuple[Tensor, ...]]:
+        size, entries = self.index[i]
+        out = []
+        for offset, shape, dtype in entries:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            buf = torch.from_numpy(np.array(self._mm[offset:offset + n]))
+            out.append(buf.view(dtype).view(shape).to(device))
+        return size, tuple(out)
+
+    @property
+    def nbytes(self) -> int:
+        return self._offset
+
+    def remove(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self._mm = None
+        self.path.unlink(missing_ok=True)
 
 
 def logit_from_log(log_p: Tensor) -> Tensor:
@@ -268,15 +335,17 @@ def label_map(log_probs: Tensor, conf: Tensor | None, policy: ProxyPolicy, th: T
 
 
 def compute_thresholds(batches: Callable[[], object], score_fn: ScoreFn, policy: ProxyPolicy,
-                       num_classes: int, device: torch.device) -> Thresholds:
+                       num_classes: int, device: torch.device,
+                       confidence_fn: Callable[[object], Tensor] | None = None) -> Thresholds:
     """The exact thresholds, in :func:`stats_passes` passes over the target set: 2 for
     global / class_balanced (every class in the same passes), 4 for adversarial (t1's two,
     then t2's two over the pixels with A >= t1, which need t1 exact). ``batches()`` returns
-    a fresh iterator of image batches (on device)."""
+    a fresh iterator of image batches (on device). ``confidence_fn(images)``, when given,
+    gives the confidence logit alone (as ``score_fn``'s second output) for t1's passes."""
     th = Thresholds()
     if policy.kind == "adversarial":
         def adversarial(images):
-            _, conf = score_fn(images)
+            conf = confidence_fn(images) if confidence_fn is not None else score_fn(images)[1]
             if conf is None:
                 raise ValueError("the adversarial proxy policy needs a confidence map from score_fn")
             return conf, None
@@ -326,13 +395,15 @@ class ProxyStats:
     judged: int = 0  # kept pixels with a valid ground-truth label
     refocused: int = 0  # adversarial: pixels with A >= t1 (the p1 step)
     seconds: float = 0.0
+    cache_bytes: int = 0  # the network outputs kept on disk between the passes
     peak_mem_mb: float = 0.0  # CUDA: peak allocated during the generation; CPU: the process's peak RSS
     thresholds: Thresholds | None = None
 
     def metrics(self, class_names: list[str] | None = None) -> dict[str, float]:
         out = {"proxy/kept_frac": self.kept / max(1, self.pixels), "proxy/seconds": self.seconds,
                **({"proxy/refocused_frac": self.refocused / max(1, self.pixels)} if self.refocused else {}),
-               "proxy/images": float(self.images), "proxy/peak_mem_mb": self.peak_mem_mb}
+               "proxy/images": float(self.images), "proxy/peak_mem_mb": self.peak_mem_mb,
+               "proxy/cache_mb": self.cache_bytes / 2**20}
         if self.judged:
             out["proxy/precision"] = self.correct / self.judged
         th = self.thresholds  # logged as probabilities (sigmoid of the logit thresholds)
@@ -375,7 +446,8 @@ DONE_FILE = "DONE"
 def generate(dataset, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Path, *,
              num_classes: int, device: torch.device, to_device=None, num_workers: int = 0,
              progress: bool | None = None, rank: int = 0, world_size: int = 1,
-             on_image: Callable[[dict, Tensor], None] | None = None) -> ProxyStats:
+             on_image: Callable[[dict, Tensor], None] | None = None,
+             cache: str | Path | None = "auto") -> ProxyStats:
     """Proxy labels for every image of ``dataset`` (eval transform, at the network input
     size), written to ``out_dir/<image name>.png``, with a ``DONE`` file last.
 
@@ -384,9 +456,13 @@ def generate(dataset, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Pat
     atomically. ``on_image(sample, labels)`` sees each labelled image (e.g. for a mosaic).
     Ground truth, when ``dataset`` has labels, is read only to report
     ``proxy/precision``; it never selects anything.
+
+    ``cache``: with a :class:`TwoStageScore`, the file that keeps the network's outputs
+    between the passes ("auto": ``out_dir``'s parent, ``.<out_dir name>.scores.<rank>``;
+    removed at the end); None runs the network in every pass. ``stats.cache_bytes`` is its
+    size.
     """
     from .data import eval_loader
-    from .data.labels import train_palette
 
     t0 = time.perf_counter()
     if device.type == "cuda":
@@ -402,9 +478,49 @@ def generate(dataset, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Pat
         show = (rank == 0) if progress is None else (progress and rank == 0)
         return tqdm(loader, desc=desc, unit="img", leave=False, disable=None if show else True)
 
-    th = compute_thresholds(lambda: (to_device(b)["image"] for b in batches()), score_fn, policy,
-                            num_classes, device)
-    stats = ProxyStats(kept_per_class=[0] * num_classes, thresholds=th)
+    kept: ScoreCache | None = None
+    if cache is not None and isinstance(score_fn, TwoStageScore):
+        path = out_dir.parent / f".{out_dir.name}.scores.{rank}" if cache == "auto" else Path(cache)
+        kept = ScoreCache(path)
+    try:
+        return _generate(dataset, score_fn, policy, out_dir, batches, kept, num_classes=num_classes, device=device,
+                         to_device=to_device, rank=rank, world_size=world_size, on_image=on_image, t0=t0)
+    finally:
+        if kept is not None:
+            kept.remove()
+
+
+def _generate(dataset, score_fn, policy, out_dir, batches, kept: "ScoreCache | None", *, num_classes, device,
+              to_device, rank, world_size, on_image, t0) -> ProxyStats:
+    from .data.labels import train_palette
+
+    labelling_score = score_fn
+    if kept is None:
+        th = compute_thresholds(lambda: (to_device(b)["image"] for b in batches()), score_fn, policy,
+                                num_classes, device)
+    else:
+        # the one network pass: every image (the labelling pass needs them all on every rank)
+        with torch.no_grad():
+            for batch in batches(shard=False, desc="proxy scores"):
+                images = to_device(batch)["image"]
+                raw = score_fn.raw(images)
+                for j, i in enumerate(batch["index"].tolist()):
+                    kept.put(int(i), tuple(images.shape[-2:]), tuple(t[j:j + 1] for t in raw))
+        kept.close_writing()
+        mine = [i for i in sorted(kept.index) if i % world_size == rank]  # this rank's shard, as eval_loader's
+
+        def cached(keys: Tensor):
+            size, raw = kept.get(int(keys.view(-1)[0]), device)
+            return score_fn.finish(raw, size)
+
+        def cached_confidence(keys: Tensor):
+            size, raw = kept.get(int(keys.view(-1)[0]), device)
+            return score_fn.finish_confidence(raw, size)
+
+        th = compute_thresholds(lambda: (torch.tensor([i]) for i in mine), cached, policy, num_classes, device,
+                                confidence_fn=cached_confidence if score_fn.finish_confidence else None)
+        labelling_score = lambda images, batch: cached(batch["index"])  # noqa: E731
+    stats = ProxyStats(kept_per_class=[0] * num_classes, thresholds=th, cache_bytes=kept.nbytes if kept else 0)
     counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
     judged = torch.zeros(2, dtype=torch.int64, device=device)
     refocused = torch.zeros((), dtype=torch.int64, device=device)
@@ -412,7 +528,7 @@ def generate(dataset, score_fn: ScoreFn, policy: ProxyPolicy, out_dir: str | Pat
     with torch.no_grad():
         for batch in batches(shard=False, desc="proxy labels"):
             b = to_device(batch)
-            log_probs, conf = score_fn(b["image"])
+            log_probs, conf = (score_fn(b["image"]) if kept is None else labelling_score(b["image"], batch))
             lab = label_map(log_probs, conf, policy, th)
             if policy.kind == "adversarial":
                 refocused += (conf >= th.t1).sum()

@@ -5,12 +5,15 @@ switches), the seeds of every row and, optionally, a search space per row. Runni
 
 1. connects to the current Ray cluster (a local one by default);
 2. opens one MLflow parent run for the study (the experiment is the study's name);
-3. runs the rows in dependency order (a row may start from another row's checkpoint of the
-   same seed, e.g. AdaptSegNet from source-only), each row x seed a Tune trial whose driver
-   fits the config with Ray Train and logs one child run;
-4. for a search row, first searches its space with Optuna on the row's first seed, selecting
-   on the study's objective (the selection split by default, never the reported split),
-   then re-runs the best configuration over all seeds;
+3. runs every row x seed as a Tune trial that fits the config (in the trial's own process,
+   or with Ray Train for multi-worker and GPU trials) and logs one child run; a row may start
+   from another row's checkpoint of the same seed (e.g. AdaptSegNet from source-only), and
+   its trial starts as soon as that one has finished: no stage waits for a whole other
+   stage, so trials of different rows fill every free slot
+   (:class:`uda_ray._tune_schedule.RowScheduler`, one Tune run per invocation);
+4. for a search row, searches its space with Optuna on the row's first seed (as soon as its
+   init_from has finished), selecting on the study's objective (the selection split by
+   default, never the reported split), then re-runs the best configuration over all seeds;
 5. prints the comparison table (:mod:`uda_ray.compare`).
 
 A failed trial is recorded as FAILED and the other rows go on; running the study again
@@ -27,7 +30,7 @@ import json
 import os
 import socket
 import sys
-import traceback
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -74,7 +77,12 @@ class Study:
     cpus_per_worker: float = 0.9  # the trial's driver takes 0.1
     gpus_per_worker: float = 0.0  # fractional GPUs share a card between trials
     max_concurrent: int = 2
-    max_failures: int = 1  # restarts of a trial's worker group from its last checkpoint
+    max_failures: int = 1  # restarts of a trial (its worker group, or its process) from its last checkpoint
+    # Ray Train for each trial: None (default) where it adds something, i.e. several workers
+    # or GPUs; a single-worker CPU trial then fits in its Tune trial's own process
+    # (distributed.fit_in_trial: the same engine, checkpoints and restarts, without ~20 s of
+    # worker-group start and teardown per trial). True: always; False: never (one worker).
+    ray_train: bool | None = None
     asha: dict | None = None  # e.g. {"grace_period": 1, "reduction_factor": 2} for search rows
     smoke: dict = field(default_factory=dict)  # overrides of --smoke-test
 
@@ -88,6 +96,17 @@ class Study:
             build_config({**self.base, **r.set}, method=r.method)  # fail early, naming the key
         if self.baseline and self.baseline not in names:
             raise ValueError(f"study {self.name}: baseline {self.baseline!r} is not a row")
+        if self.ray_train is False and (self.workers_per_trial > 1 or self.gpus_per_worker):
+            raise ValueError(f"study {self.name}: ray_train=False runs a trial in one CPU process; "
+                             f"workers_per_trial={self.workers_per_trial} and gpus_per_worker="
+                             f"{self.gpus_per_worker} need Ray Train")
+
+    @property
+    def in_process(self) -> bool:
+        """Whether a trial fits in its own Tune process rather than with a TorchTrainer."""
+        if self.ray_train is None:
+            return self.workers_per_trial == 1 and not self.gpus_per_worker
+        return not self.ray_train
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -225,23 +244,32 @@ class StudyRecord:
 # --- the trial driver (runs inside a Tune trial) --------------------------------------------
 
 def drive_trial(config: dict, ctx: dict) -> None:
-    """A Tune trial: fit one row x seed (x sampled hyperparameters) with Ray Train and log
-    one MLflow child run. The driver creates the run, so a restarted worker group logs
-    into the same run; a failure marks it FAILED."""
+    """A Tune trial: fit one row x seed (x sampled hyperparameters) with Ray Train, or in
+    this process (``ctx["in_process"]``, :func:`uda_ray.distributed.fit_in_trial`), and log
+    one MLflow child run. The driver creates the run, so a restarted worker group or trial
+    logs into the same run; a failure marks it FAILED. For ``uda-ray bench study`` it logs
+    ``perf/driver_start_unix`` and ``perf/driver_end_unix`` (the fit logs its phases)."""
+    import time
+
     from . import distributed
 
-    t = dict(config.get("trial") or {})
+    t_start = time.time()
+
+    # a row x seed: config["trial"]; a search trial: the sampled values and config["search"]
+    t = dict(config.get("trial") or config.get("search") or {})
     row = t.get("row", ctx.get("row"))
     seed = t.get("seed", ctx.get("seed"))
-    sampled = {k: v for k, v in config.items() if k != "trial"}
+    sampled = {k: v for k, v in config.items() if k not in ("trial", "search")}
     flat = {**ctx["flats"][row][str(seed)], **sampled, **t.get("set", {})}
+    if t.get("init_from"):
+        flat["run.init_from"] = t["init_from"]
     flat = build_config(flat).flat()  # validates sampled values, naming the key
-    search = "1" if sampled and not t else "0"
+    search = "1" if "search" in config or (sampled and "trial" not in config) else "0"
     tid = distributed.trial_id()
     record = StudyRecord.attach(ctx)
     tags = {"mlflow.parentRunId": ctx["parent_id"], "uda_ray.kind": "row", "study": ctx["study"], "row": row,
             "seed": str(seed), "trial": tid if search == "1" else "", "search": search,
-            "config_hash": config_hash(flat), **t.get("tags", {})}
+            "config_hash": config_hash(flat), "uda_ray.tune_trial": tid, **t.get("tags", {})}
     run_name = f"{row}-s{seed}" + (f"-{tid}" if search == "1" else "")
     client = record.client
     earlier = record.unfinished(row, seed, tags["config_hash"], search, tags["trial"])
@@ -258,21 +286,34 @@ def drive_trial(config: dict, ctx: dict) -> None:
     # instead of meeting the old config's checkpoint (which would be refused).
     dir_name = f"{run_name}-{tags['config_hash']}"
     run_dir = str(Path(ctx["out"]) / ctx["study"] / dir_name)
+    mlflow = {"experiment": ctx["study"], "tracking_uri": ctx["tracking_uri"], "run_id": run_id}
     try:
-        result = distributed.run_trainer(
-            flat, run_dir=run_dir, name=f"{ctx['study']}-{dir_name}", storage_path=ctx["storage_path"],
-            num_workers=ctx["workers"], use_gpu=ctx["gpus"] > 0, cpus_per_worker=ctx["cpus"],
-            gpus_per_worker=ctx["gpus"] or None, max_failures=ctx["max_failures"],
-            mlflow={"experiment": ctx["study"], "tracking_uri": ctx["tracking_uri"], "run_id": run_id},
-            callbacks=[distributed.tune_report_callback()])
-        if result.error is not None:
-            raise result.error
-        if result.checkpoint is not None:
-            client.set_tag(run_id, "checkpoint", result.checkpoint.path)
+        if ctx.get("in_process"):
+            checkpoint = distributed.fit_in_trial(flat, run_dir=run_dir, storage_path=ctx["storage_path"],
+                                                  threads=max(1, round(ctx["cpus"] + 0.1)), mlflow=mlflow,
+                                                  env=ctx.get("env"))
+        else:
+            result = distributed.run_trainer(
+                flat, run_dir=run_dir, name=f"{ctx['study']}-{dir_name}", storage_path=ctx["storage_path"],
+                num_workers=ctx["workers"], use_gpu=ctx["gpus"] > 0, cpus_per_worker=ctx["cpus"],
+                gpus_per_worker=ctx["gpus"] or None, max_failures=ctx["max_failures"], mlflow=mlflow,
+                callbacks=[distributed.tune_report_callback()], env=ctx.get("env"))
+            if result.error is not None:
+                raise result.error
+            checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        if checkpoint is not None:
+            client.set_tag(run_id, "checkpoint", checkpoint)
+        client.log_metric(run_id, "perf/driver_start_unix", t_start)
+        client.log_metric(run_id, "perf/driver_end_unix", time.time())
         client.set_terminated(run_id, "FINISHED")
     except BaseException as e:
         client.set_tag(run_id, "error", tracking.error_text(e))
         client.set_terminated(run_id, "FAILED")
+        from .errors import UserError
+
+        if isinstance(e, UserError):  # deterministic (a config, a diverged run): a retry would fail again
+            distributed.report_error(tracking.error_text(e))
+            return
         raise
 
 
@@ -280,9 +321,12 @@ def drive_trial(config: dict, ctx: dict) -> None:
 
 def run_study(study: Study, *, smoke_test: bool = False, address: str | None = None,
               storage_path: str | None = None, tracking_uri: str | None = None,
-              max_concurrent: int | None = None, out: str = "runs") -> int:
+              max_concurrent: int | None = None, out: str = "runs", env: dict | None = None,
+              tune_callbacks: list | None = None) -> int:
     """Run ``study`` (see the module's docstring). Returns 0; 1 when a trial failed; 2 when
-    another process is running the study of the same name (it holds ``<out>/<name>/.study.lock``)."""
+    another process is running the study of the same name (it holds ``<out>/<name>/.study.lock``).
+    ``env``: environment variables of the trials' training processes; ``tune_callbacks``:
+    Tune callbacks of every Tune run (e.g. timing, :mod:`uda_ray.bench_study`)."""
     name = study.name + ("-smoke" if smoke_test else "")
     lock = Path(out).resolve() / name / STUDY_LOCK
     with tracking.file_lock(lock, blocking=False) as held:
@@ -295,11 +339,13 @@ def run_study(study: Study, *, smoke_test: bool = False, address: str | None = N
         held.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         held.flush()
         return _run_locked(study, name, smoke_test=smoke_test, address=address, storage_path=storage_path,
-                           tracking_uri=tracking_uri, max_concurrent=max_concurrent, out=out)
+                           tracking_uri=tracking_uri, max_concurrent=max_concurrent, out=out, env=env,
+                           tune_callbacks=tune_callbacks)
 
 
 def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | None, storage_path: str | None,
-                tracking_uri: str | None, max_concurrent: int | None, out: str) -> int:
+                tracking_uri: str | None, max_concurrent: int | None, out: str, env: dict | None = None,
+                tune_callbacks: list | None = None) -> int:
     from . import distributed
     from .engine import ensure_data
 
@@ -320,46 +366,60 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     ctx = {"study": name, "parent_id": record.parent_id, "experiment_id": record.experiment_id,
            "tracking_uri": record.tracking_uri, "storage_path": storage_path, "out": out,
            "workers": study.workers_per_trial, "cpus": study.cpus_per_worker, "gpus": study.gpus_per_worker,
-           "max_failures": study.max_failures}
+           "max_failures": study.max_failures, "in_process": study.in_process, "env": env or {}}
+    # How trials hold resources: a trial that fits in its own process holds its worker's
+    # CPUs and is restarted by Tune; otherwise it holds a driver's share and its TorchTrainer
+    # asks for (and restarts) the workers.
+    ctx["tune"] = ({"trial_resources": {"CPU": study.cpus_per_worker + 0.1}, "max_failures": study.max_failures}
+                   if study.in_process else {})
+    ctx["tune"]["callbacks"] = list(tune_callbacks or [])
     conc = max_concurrent or study.max_concurrent
     failed: list[str] = []
-    for stage in study.stages():
-        plain, searches = [], []
-        for row in stage:
-            if row.space is not None:
-                searches.append(row)
-            else:
-                plain.append((row, {}, {}))
-        for row in searches:  # search first, then re-run the best over the seeds with the others
-            best, trial = _search(study, row, seeds, smoke_test, record, ctx, conc)
-            if best is None:
-                failed.append(f"{row.name}: every search trial failed")
-                continue
-            plain.append((row, best, {"best_trial": trial}))
-        trials, flats = [], {}
-        for row, best, tags in plain:
-            flats[row.name] = {}
-            for seed in seeds:
-                flat = {**study.flat(row, seed, smoke_test), **best}
-                if row.init_from:
-                    src = record.finished(row.init_from, seed,
-                                          config_hash(study.flat(study.row(row.init_from), seed, smoke_test)))
-                    if src is None or "checkpoint" not in src.data.tags:
-                        failed.append(f"{row.name} s{seed}: its init_from row {row.init_from} has no finished run")
-                        continue
-                    flat["run.init_from"] = src.data.tags["checkpoint"]
-                flats[row.name][str(seed)] = flat
-                if record.finished(row.name, seed, config_hash(flat)):
-                    print(f"  {row.name} s{seed}: already finished, skipped")
-                    continue
-                trials.append({"row": row.name, "seed": seed, "set": best, "tags": tags})
-        if trials:
-            grid = distributed.tune_rows(
-                drive_trial_with(dict(ctx, flats=flats)), trials=trials, storage_path=storage_path,
-                name=f"{name}-stage-{'-'.join(sorted({t['row'] for t in trials}))}-{_digest(trials)}",
-                max_concurrent=conc, metric=study.objective, mode=study.mode)
-            failed += [f"{r.config['trial']['row']} s{r.config['trial']['seed']}: {r.error}"
-                       for r in grid if r.error is not None]
+    ctx["flats"] = flats = {row.name: {str(seed): study.flat(row, seed, smoke_test) for seed in seeds}
+                            for row in study.rows}
+    best_values: dict[str, dict] = {}  # a search row's best sampled values, once known
+
+    def source(row: Row, seed: int):
+        return (row.init_from, seed) if row.init_from else None
+
+    def resolve(job: dict) -> tuple[str, str]:
+        """('run', init_from checkpoint or ''), ('skip', '') or ('fail', why) for a row x seed
+        (for a search's trials, only its init_from)."""
+        row = study.row(job["row"])
+        init_from = ""
+        if row.init_from:
+            src_flat = {**flats[row.init_from][str(job["seed"])], **best_values.get(row.init_from, {})}
+            src = record.finished(row.init_from, job["seed"], config_hash(src_flat))
+            if src is None or "checkpoint" not in src.data.tags:
+                return "fail", f"its init_from row {row.init_from} has no finished run"
+            init_from = src.data.tags["checkpoint"]
+        if job.get("search"):
+            return "run", init_from
+        if record.finished(row.name, job["seed"], config_hash({**flats[row.name][str(job["seed"])], **job["set"]})):
+            print(f"  {row.name} s{job['seed']}: already finished, skipped")
+            return "skip", ""
+        return "run", init_from
+
+    jobs = [{"row": row.name, "seed": seed, "after": source(row, seed), "set": {}, "tags": {}}
+            for row in study.rows if row.space is None for seed in seeds]
+    searches = [_search_plan(study, row, seeds, smoke_test, record, ctx, source, best_values)
+                for row in study.rows if row.space is not None]
+    from ._tune_schedule import RowScheduler, search_only_asha
+
+    scheduler = RowScheduler(jobs, searches, resolve=resolve, best_of=lambda s: s["best"](), metric=study.objective,
+                             mode=study.mode)
+    grid = distributed.tune_rows(
+        drive_trial_with(ctx), search_alg=scheduler, storage_path=storage_path,
+        scheduler=search_only_asha(study.asha, study.objective, study.mode) if study.asha else None,
+        name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", resume=False, max_concurrent=conc,
+        metric=study.objective, mode=study.mode, **ctx["tune"])
+    for r in grid:
+        error = r.error if r.error is not None else (r.metrics or {}).get(distributed.ERROR_KEY)
+        if error is not None:
+            t = r.config.get("trial") or r.config.get("search") or {}
+            kind = " search trial" if "search" in r.config else ""
+            failed.append(f"{t.get('row')} s{t.get('seed')}{kind}: {error}")
+    failed += scheduler.failures
     record.finish()
     from .compare import compare_study
 
@@ -385,10 +445,11 @@ def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _search(study: Study, row: Row, seeds, smoke: bool, record: StudyRecord, ctx: dict, conc: int):
-    """Optuna search of a row on its first seed; returns (best sampled values, trial id)."""
-    import optuna
-
+def _search_plan(study: Study, row: Row, seeds, smoke: bool, record: StudyRecord, ctx: dict, source,
+                 best_values: dict) -> dict:
+    """A search row for :class:`uda_ray._tune_schedule.RowScheduler`: its Optuna trials on
+    the first seed (those still to run, counting the completed trials kept in the study's
+    Optuna storage), its searcher, and how to read the best configuration once they end."""
     from . import distributed
 
     seed = seeds[0]
@@ -399,32 +460,29 @@ def _search(study: Study, row: Row, seeds, smoke: bool, record: StudyRecord, ctx
     record.client.set_tag(record.parent_id, "optuna_storage", storage)
     keys = sorted(_space_keys(row.space))
     record.client.set_tag(record.parent_id, f"search_space.{row.name}", ",".join(keys))
-    flat = study.flat(row, seed, smoke)
-    if row.init_from:
-        src = record.finished(row.init_from, seed, config_hash(study.flat(study.row(row.init_from), seed, smoke)))
-        if src is None or "checkpoint" not in src.data.tags:
-            return None, None
-        flat["run.init_from"] = src.data.tags["checkpoint"]
-    done = _completed(optuna_name, storage)
-    if len(done) < n:
-        try:
-            distributed.tune_rows(
-                drive_trial_with(dict(ctx, flats={row.name: {str(seed): flat}}, row=row.name, seed=seed)),
-                space=row.space, num_samples=n - len(done), metric=study.objective, mode=study.mode,
-                seed=seed, storage_path=ctx["storage_path"], name=f"{ctx['study']}-search-{row.name}",
-                max_concurrent=conc, asha=study.asha, optuna_storage=storage, optuna_study=optuna_name)
-        except Exception:  # a broken search must not take the other rows down
-            traceback.print_exc(file=sys.stderr)
+
+    def make():
+        return distributed.optuna_searcher(row.space, metric=study.objective, mode=study.mode, seed=seed,
+                                           num_samples=n, storage=storage, study_name=optuna_name)
+
+    def best():
+        import optuna
+
         done = _completed(optuna_name, storage)
-    if not done:
-        return None, None
-    best = (max if study.mode == "max" else min)(done, key=lambda t: t.value)
-    runs = [r for r in record.children(row=row.name, search="1") if r.info.status == "FINISHED"]
-    trial = next((r.data.tags.get("trial", "") for r in runs
-                  if all(str(r.data.params.get(k)) == str(v) for k, v in best.params.items())), str(best.number))
-    # constants the space derives from the sampled values (e.g. a tied auxiliary weight)
-    consts = row.space(optuna.trial.FixedTrial(best.params)) or {}
-    return {**best.params, **consts}, trial
+        if not done:
+            return None
+        top = (max if study.mode == "max" else min)(done, key=lambda t: t.value)
+        runs = [r for r in record.children(row=row.name, search="1") if r.info.status == "FINISHED"]
+        trial = next((r.data.tags.get("trial", "") for r in runs
+                      if all(str(r.data.params.get(k)) == str(v) for k, v in top.params.items())), str(top.number))
+        # constants the space derives from the sampled values (e.g. a tied auxiliary weight)
+        consts = row.space(optuna.trial.FixedTrial(top.params)) or {}
+        best_values[row.name] = {**top.params, **consts}
+        return best_values[row.name], trial
+
+    return {"row": row.name, "seed": seed, "after": source(row, seed), "seeds": list(seeds),
+            "todo": max(0, n - len(_completed(optuna_name, storage))), "make": make, "best": best,
+            "init_from_of": lambda s: source(row, s)}
 
 
 def _completed(name: str, storage: str) -> list:

@@ -50,7 +50,7 @@ from ..knobs import ConfigError, knob
 from ..losses import SOURCE, TARGET, full, gan_loss, seg_loss, upsample
 from ..models import FeatureDiscriminator, PatchDiscriminator
 from ..models.batchnorm import bn_domain
-from ..proxy import ProxyLabelled, ProxyPolicy, generate_for_run, log_softmax_at
+from ..proxy import ProxyLabelled, ProxyPolicy, TwoStageScore, generate_for_run, log_softmax_at
 from .base import Method, discriminator_optimizer, set_requires_grad
 
 
@@ -218,16 +218,19 @@ class DAST(Method):
         """score_fn of the round's generator: log-probabilities as the model predicts them."""
         net, disc = gen["model"], gen["discoverer"] if "discoverer" in gen else None
 
-        def score(images):
+        def raw(images):  # the network, once per image
             was = net.training
             net.eval()
             with torch.no_grad(), bn_domain(net, "target"), self.ctx.autocast():
                 logits, _, _, _ = self.forward_target(images, attention=self.p.attention and self.p.test_attention,
                                                       model=net, discoverer=disc, need_d=False)
             net.train(was)
-            return log_softmax_at(logits, images.shape[-2:]), None
+            return (logits,)
 
-        return score
+        def finish(outputs, size):
+            return log_softmax_at(outputs[0], size), None
+
+        return TwoStageScore(raw, finish)
 
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()

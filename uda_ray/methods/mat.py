@@ -48,7 +48,8 @@ from ..models import build_segmenter
 from ..losses import GAN_KINDS, SOURCE, TARGET, gan_loss, seg_loss, upsample
 from ..models import PooledDiscriminator
 from ..models.batchnorm import bn_domain
-from ..proxy import ProxyLabelled, ProxyPolicy, adversarial_confidence_logit, generate_for_run, log_softmax_at
+from ..proxy import (ProxyLabelled, ProxyPolicy, TwoStageScore, adversarial_confidence_logit, generate_for_run,
+                     log_softmax_at)
 from .base import Method, ScheduledOptimizer, set_requires_grad
 
 
@@ -189,18 +190,24 @@ class MAT(Method):
             d.eval()
 
         @torch.no_grad()
-        def score(images):
-            size = images.shape[-2:]
+        def raw(images):  # the network, once per image: outputs at their own resolution
             with bn_domain(model, "target"), self.ctx.autocast():
                 out = model(images)
-                d_logits = [upsample(d(out.features[LEVELS[lv]]).float(), size) for lv, d in discs.items()]
-            # single-scale: multi-scale inference (mat.ms) is a post-processing of predictions
-            log_probs = log_softmax_at(out.logits["main"], size)
-            # A = mean over D1 (and D2) of P(source) = sigmoid(-d), as a logit
-            conf = adversarial_confidence_logit(d_logits) if d_logits else None
-            return log_probs, conf
+                return (out.logits["main"], *(d(out.features[LEVELS[lv]]) for lv, d in discs.items()))
 
-        return score
+        @torch.no_grad()
+        def finish_confidence(outputs, size):
+            # A = mean over D1 (and D2) of P(source) = sigmoid(-d), as a logit
+            with self.ctx.autocast():
+                d_logits = [upsample(d.float(), size) for d in outputs[1:]]
+            return adversarial_confidence_logit(d_logits) if d_logits else None
+
+        @torch.no_grad()
+        def finish(outputs, size):
+            # single-scale: multi-scale inference (mat.ms) is a post-processing of predictions
+            return log_softmax_at(outputs[0], size), finish_confidence(outputs, size)
+
+        return TwoStageScore(raw, finish, finish_confidence)
 
     def _proxy_step(self, tgt):
         self.zero_grad()

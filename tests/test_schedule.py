@@ -1,0 +1,103 @@
+"""The study's trial source (RowScheduler) on its own: no stage barriers, failed
+dependencies, a search's re-runs queued when its trials end. Pure logic, no Ray cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ray.tune")
+
+from ray.tune.search import Searcher  # noqa: E402
+
+from uda_ray._tune_schedule import RowScheduler  # noqa: E402
+
+
+def _jobs(rows, seeds=(0, 1, 2)):
+    return [{"row": r, "seed": s, "after": (after, s) if after else None, "set": {}, "tags": {}}
+            for r, after in rows for s in seeds]
+
+
+def _run(rs: RowScheduler):
+    resolved = []
+    rs.resolve = lambda job: (resolved.append((job["row"], job["seed"])), ("run", f"ckpt-{job['after']}"))[1]
+    return resolved
+
+
+def _key(config):
+    t = config.get("trial") or config.get("search")
+    return t["row"], t["seed"]
+
+
+def test_a_row_starts_as_soon_as_its_init_from_finished_not_after_the_whole_stage():
+    rs = RowScheduler(_jobs([("src", None), ("ada", "src")]), [], resolve=None, best_of=None,
+                      metric="sel/mIoU", mode="max")
+    _run(rs)
+    a, b = rs.suggest("t1"), rs.suggest("t2")  # two slots
+    assert [_key(a), _key(b)] == [("src", 0), ("src", 1)]
+    rs.on_trial_complete("t1")
+    assert _key(rs.suggest("t3")) == ("src", 2)
+    rs.on_trial_complete("t2")
+    c = rs.suggest("t4")
+    assert _key(c) == ("ada", 0)  # while src s2 still runs
+    assert c["trial"]["init_from"] == "ckpt-('src', 0)"
+    assert _key(rs.suggest("t5")) == ("ada", 1)  # src s1 is done too
+    assert rs.suggest("t6") is None  # ada s2 waits for src s2, which still runs
+    rs.on_trial_complete("t3")
+    assert _key(rs.suggest("t6")) == ("ada", 2)
+    for t in ("t4", "t5", "t6"):
+        rs.on_trial_complete(t)
+    assert rs.suggest("t7") == Searcher.FINISHED
+
+
+def test_a_failed_init_from_fails_its_dependents_and_the_rest_goes_on():
+    rs = RowScheduler(_jobs([("src", None), ("ada", "src")], seeds=(0, 1)), [], resolve=None, best_of=None,
+                      metric="sel/mIoU", mode="max")
+    _run(rs)
+    t = {_key(rs.suggest(i)): i for i in ("t1", "t2")}
+    rs.on_trial_complete(t[("src", 0)], error=True)
+    rs.on_trial_complete(t[("src", 1)])
+    c = rs.suggest("t3")
+    assert _key(c) == ("ada", 1)
+    assert rs.failures == ["ada s0: its init_from row src has no finished run"]
+    rs.on_trial_complete("t3")
+    assert rs.suggest("t4") == Searcher.FINISHED
+
+
+def test_finished_rows_are_skipped_and_a_search_queues_the_best_re_runs():
+    class FakeOptuna:
+        def __init__(self):
+            self.n = 0
+            self.completed = []
+
+        def suggest(self, trial_id):
+            self.n += 1
+            return {"adaptseg.lambda_adv_main": 0.001 * self.n}
+
+        def on_trial_result(self, trial_id, result):
+            pass
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            self.completed.append(trial_id)
+
+    fake = FakeOptuna()
+    search = {"row": "s", "seed": 0, "after": ("src", 0), "seeds": [0, 1], "todo": 2, "make": lambda: fake,
+              "init_from_of": lambda seed: ("src", seed)}
+    rs = RowScheduler(_jobs([("src", None)], seeds=(0, 1)) + _jobs([("dep", "s")], seeds=(0, 1)), [search],
+                      resolve=None, best_of=lambda s: ({"adaptseg.lambda_adv_main": 0.002}, "t7"),
+                      metric="sel/mIoU", mode="max")
+    rs.resolve = lambda job: ("skip", "") if job["row"] == "src" and job["seed"] == 1 else ("run", "ck")
+    assert _key(rs.suggest("t1")) == ("src", 0)  # src s1 finished earlier: skipped
+    assert rs.suggest("t2") is None  # the search and dep wait for src s0 / the search
+    rs.on_trial_complete("t1")
+    s1, s2 = rs.suggest("t3"), rs.suggest("t4")
+    assert s1["search"] == {"row": "s", "seed": 0, "init_from": "ck"} and "adaptseg.lambda_adv_main" in s1
+    assert _key(s2) == ("s", 0) and "search" in s2
+    assert rs.suggest("t5") is None  # dep waits for the search row's re-runs
+    rs.on_trial_complete("t3", result={"sel/mIoU": 0.1})
+    rs.on_trial_complete("t4", result={"sel/mIoU": 0.2})
+    assert fake.completed == ["t3", "t4"]
+    r0, r1 = rs.suggest("t6"), rs.suggest("t7")  # the best's re-runs over the seeds
+    assert {_key(r0), _key(r1)} == {("s", 0), ("s", 1)}
+    assert r0["trial"]["set"] == {"adaptseg.lambda_adv_main": 0.002} and r0["trial"]["tags"] == {"best_trial": "t7"}
+    rs.on_trial_complete("t6")
+    assert _key(rs.suggest("t8"))[0] == "dep"

@@ -1,0 +1,174 @@
+"""A study's trials in one Tune run, without stage barriers (imported only where Tune runs).
+
+:class:`RowScheduler` is the Tune searcher of a study: it hands out each row x seed trial as
+soon as the row x seed it starts from (``init_from``) has finished, so trials of different
+rows fill every free slot. A search row's Optuna trials (on its first seed) are handed out
+the same way once their ``init_from`` has finished, through the row's own Optuna searcher;
+when the last of them ends, the best configuration's re-runs over the seeds join the queue,
+and the rows that start from the search row follow them.
+
+The study decides the rest through two callbacks: ``resolve(job)`` says whether a row x
+seed runs (and from which checkpoint), is skipped (finished earlier with the same config),
+or fails (its ``init_from`` has no finished run); ``best_of(search)`` reads the search's
+best configuration once its trials are done.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ray.tune.search import Searcher
+
+Key = tuple  # (row name, seed)
+
+
+class RowScheduler(Searcher):
+    """Tune's source of a study's trials (see the module).
+
+    ``jobs``: ``{"row", "seed", "after": (row, seed) or None, "set": {...}, "tags": {...}}``.
+    ``searches``: ``{"row", "seed", "after", "seeds", "todo": trials still to run,
+    "make": init_from -> Optuna searcher, "init_from_of": seed -> (row, seed) or None}``.
+    """
+
+    def __init__(self, jobs: list[dict], searches: list[dict], *, resolve: Callable[[dict], tuple[str, str]],
+                 best_of: Callable[[dict], tuple[dict, str] | None], metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self.pending = list(jobs)
+        self.searches = {s["row"]: {**s, "searcher": None, "running": set(), "init_from": None} for s in searches}
+        self.resolve = resolve
+        self.best_of = best_of
+        self.running: dict[str, tuple] = {}  # trial id -> ("row", key) | ("search", row name)
+        self.status: dict[Key, str] = {(j["row"], j["seed"]): "pending" for j in jobs}
+        for s in searches:  # a search row's seeds finish with its re-runs
+            self.status.update({(s["row"], seed): "pending" for seed in s["seeds"]})
+        self.failures: list[str] = []
+
+    # --- what can start ---------------------------------------------------------------
+    def _ready(self, after: Key | None) -> str:
+        """'yes', 'wait' or 'failed' for a trial that starts from ``after``."""
+        state = self.status.get(after, "done") if after is not None else "done"  # not in this run: finished earlier
+        return {"pending": "wait", "running": "wait", "done": "yes"}.get(state, "failed")
+
+    def _fail(self, key: Key, why: str) -> None:
+        self.status[key] = "failed"
+        self.failures.append(f"{key[0]} s{key[1]}: {why}")
+
+    def suggest(self, trial_id: str):
+        for job in list(self.pending):
+            key, ready = (job["row"], job["seed"]), self._ready(job["after"])
+            if ready == "wait":
+                continue
+            self.pending.remove(job)
+            if ready == "failed":
+                self._fail(key, f"its init_from row {job['after'][0]} has no finished run")
+                continue
+            verdict, init_from = self.resolve(job)
+            if verdict == "skip":
+                self.status[key] = "done"
+                continue
+            if verdict == "fail":
+                self._fail(key, init_from)
+                continue
+            self.status[key] = "running"
+            self.running[trial_id] = ("row", key)
+            return {"trial": {"row": job["row"], "seed": job["seed"], "set": job["set"], "tags": job["tags"],
+                              "init_from": init_from}}
+        for s in self.searches.values():
+            if s["todo"] <= 0:
+                self._search_done(s)  # e.g. a search completed by an earlier run: queue its re-runs
+                continue
+            ready = self._ready(s["after"])
+            if ready == "wait":
+                continue
+            if ready == "failed":
+                s["todo"] = 0
+                self._search_done(s, failed=f"its init_from row {s['after'][0]} has no finished run")
+                continue
+            if s["searcher"] is None:
+                verdict, init_from = self.resolve({"row": s["row"], "seed": s["seed"], "after": s["after"],
+                                                   "set": {}, "tags": {}, "search": True})
+                if verdict == "fail":
+                    s["todo"] = 0
+                    self._search_done(s, failed=init_from)
+                    continue
+                s["init_from"], s["searcher"] = init_from, s["make"]()
+            config = s["searcher"].suggest(trial_id)
+            if config is None:
+                continue
+            if config == Searcher.FINISHED:
+                s["todo"] = 0
+                self._search_done(s)
+                continue
+            s["todo"] -= 1
+            s["running"].add(trial_id)
+            self.running[trial_id] = ("search", s["row"])
+            return {**config, "search": {"row": s["row"], "seed": s["seed"], "init_from": s["init_from"]}}
+        if not self.pending and not self.running and all(s["todo"] <= 0 for s in self.searches.values()):
+            return Searcher.FINISHED
+        return None  # something is running that what waits depends on
+
+    # --- what ended -------------------------------------------------------------------
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        kind, what = self.running.get(trial_id, (None, None))
+        if kind == "search":
+            self.searches[what]["searcher"].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        from .distributed import ERROR_KEY
+
+        error = error or bool((result or {}).get(ERROR_KEY))  # failed without an exception (not retried)
+        kind, what = self.running.pop(trial_id, (None, None))
+        if kind == "row":
+            self.status[what] = "failed" if error else "done"
+        elif kind == "search":
+            s = self.searches[what]
+            s["searcher"].on_trial_complete(trial_id, result=result, error=error)
+            s["running"].discard(trial_id)
+            if s["todo"] <= 0 and not s["running"]:
+                self._search_done(s)
+
+    def _search_done(self, s: dict, failed: str | None = None) -> None:
+        """The search's trials have ended: queue the best configuration's re-runs."""
+        if s["running"] or s.get("ended"):
+            return
+        s["ended"] = True
+        best = None if failed else self.best_of(s)
+        if best is None:
+            for seed in s["seeds"]:
+                self._fail((s["row"], seed), failed or "every search trial failed")
+            return
+        values, trial = best
+        for seed in s["seeds"]:
+            self.pending.append({"row": s["row"], "seed": seed, "after": s["init_from_of"](seed), "set": values,
+                                 "tags": {"best_trial": trial}})
+
+    def save(self, checkpoint_path: str) -> None:
+        raise NotImplementedError  # a re-run of the study rebuilds the queue from MLflow
+
+
+def search_only_asha(asha: dict, metric: str, mode: str):
+    """ASHA that judges (and stops) only a search row's Optuna trials, never a row's seed runs."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class SearchOnlyASHA(ASHAScheduler):
+        def _ours(self, trial) -> bool:
+            return "search" in (trial.config or {})
+
+        def on_trial_add(self, tune_controller, trial):
+            if self._ours(trial):
+                super().on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            if self._ours(trial):
+                return super().on_trial_result(tune_controller, trial, result)
+            return TrialScheduler.CONTINUE
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            if self._ours(trial):
+                super().on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            if self._ours(trial):
+                super().on_trial_remove(tune_controller, trial)
+
+    return SearchOnlyASHA(metric=metric, mode=mode, time_attr="step", **asha)
