@@ -122,6 +122,18 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(num_cpus=num_cpus, log_to_driver=False)
 
 
+def dashboard_url() -> str:
+    """The Ray dashboard of the connected cluster (``http://127.0.0.1:8265`` for a local one),
+    '' when there is none (Ray without its dashboard extras)."""
+    from ray._private.worker import get_dashboard_url  # public only as ray.init()'s return value
+
+    try:
+        url = get_dashboard_url() or ""
+    except Exception:  # not connected, or no dashboard
+        return ""
+    return url if not url or "://" in url else f"http://{url}"
+
+
 def pickle_by_value(module) -> None:
     """Ship a module's functions by value (a study script is not importable on workers)."""
     if module is None or module.__name__.startswith(("uda_ray.", "builtins")) or module.__name__ == "__main__":
@@ -188,7 +200,12 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
     tuner = tune.Tuner(driver, param_space=param_space, tune_config=tune.TuneConfig(**tune_kw),
                        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
                                                  failure_config=tune.FailureConfig(max_failures=0)))
-    return tuner.fit()
+    grid = tuner.fit()
+    if space is not None and storage is not None and optuna_study:
+        # optuna-dashboard labels its axes with these (otherwise "Objective 0")
+        optuna.load_study(study_name=optuna_study, storage=storage).set_metric_names(
+            list(metric) if multi else [metric])
+    return grid
 
 
 def trial_id() -> str:
