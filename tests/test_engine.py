@@ -209,3 +209,23 @@ def test_loss_curves_get_20_points_and_evaluation_time_is_not_training_time(data
     losses = [(s, m) for s, m in logged if "loss/seg_src" in m]
     assert [s for s, _ in losses] == [1, 2, 3, 4]  # log_every 50 > 4 iterations / 20: every step
     assert all(m["perf/sec_per_iter"] < 0.5 for _, m in losses), losses
+
+
+def test_mosaic_has_column_titles_and_a_class_legend(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from uda_ray.data.labels import train_palette
+    from uda_ray.mosaic import mosaic_png
+
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randn(3, 32, 64, generator=g), torch.zeros(32, 64, dtype=torch.long),
+             torch.zeros(32, 64, dtype=torch.long), {"attention": torch.rand(32, 64, generator=g)})]
+    with Image.open(mosaic_png(rows, tmp_path / "m.png", norm="imagenet", num_classes=19)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    k = 3  # 64-pixel columns are enlarged 3x (>= 160 px) so that the titles fit
+    assert arr.shape[1] == 4 * 64 * k and arr.shape[0] > 32 * k + 40
+    title = arr[:20]
+    assert (title < 100).all(axis=2).any() and (title == 255).all(axis=2).mean() > 0.8  # dark text on white
+    legend = {tuple(c) for c in arr[20 + 32 * k:].reshape(-1, 3)}
+    assert {tuple(c) for c in train_palette(19)} <= legend  # every class colour, and black (ignored)

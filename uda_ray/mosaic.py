@@ -39,6 +39,9 @@ def mosaic_png(triplets, path: Path, *, norm: str, num_classes: int, titles: tup
         rows.append(np.concatenate(cols, axis=1))
     grid = np.concatenate(rows, axis=0)
     col_w = grid.shape[1] // max(1, len(names))
+    if col_w < 160:  # small images (a smoke test's): enlarged, so that the titles fit their columns
+        k = -(-160 // col_w)
+        grid, col_w = grid.repeat(k, axis=0).repeat(k, axis=1), col_w * k
     out = _annotate(grid, names, col_w, pal, class_names(num_classes))
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
