@@ -135,3 +135,67 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="not UTF-8"):
         main(["--debug", "train", str(p), "--no-mlflow"])
+
+
+def _options(parser, path=()):
+    """(command path, option) of every option of every sub-command."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*path, name))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield path, action
+
+
+def test_every_option_has_help_and_the_help_is_accurate(capsys):
+    from uda_ray.cli import build_parser
+    from uda_ray.config import METHODS, PRESETS
+
+    missing = [f"{' '.join(p)} {a.option_strings or a.dest}" for p, a in _options(build_parser()) if not a.help]
+    assert not missing, missing
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(p in text for p in PRESETS) and all(m in text for m in METHODS)
+    assert "required when CONFIG is a preset" in text and "default: source_only" not in text
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (("train", "tiny-cpx", "--no-mlflow"), ("tiny-cpx: neither a config file", "did you mean 'tiny-cpu'")),
+    (("train", "tiny-cpu", "--method", "adaptsegg", "--no-mlflow"), ("unknown method 'adaptsegg'",
+                                                                     "did you mean 'adaptseg'")),
+    (("train", "tiny-cpu", "--method", "adaptseg", "--set", "optim.lrr=1", "--no-mlflow"),
+     ("optim.lrr: unknown key", "did you mean 'optim.lr'")),
+    (("config", "tiny-cp"), ("unknown preset 'tiny-cp'", "did you mean 'tiny-cpu'")),
+    (("config", "--method", "sourceonly"), ("unknown method 'sourceonly'", "did you mean 'source_only'")),
+    (("study", "quickstrat"), ("quickstrat: no study script", "did you mean 'quickstart'")),
+    (("study", "studies/quikstart.py"), ("no study script", "did you mean 'quickstart'")),
+])
+def test_did_you_mean(capsys, argv, needles):
+    one_line(*run(capsys, *argv), *needles)
+
+
+def test_study_takes_a_bare_name_as_compare_does():
+    from uda_ray.study import find_study, load_study
+
+    path = find_study("quickstart")
+    assert path.name == "quickstart.py" and load_study(path).name == "quickstart"
+    assert find_study(path) == path
+
+
+def test_config_lists_every_key_with_type_value_range_and_help(capsys):
+    from uda_ray.config import build_config
+
+    assert main(["config", "study-cpu", "--method", "adaptseg"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    keys = [k for k in build_config({}, method="adaptseg", preset="study-cpu").flat() if k != "method"]
+    assert [ln.split()[0] for ln in lines[1:]] == keys
+    line = next(ln for ln in lines if ln.startswith("run.iterations "))
+    assert line.split()[1:4] == ["int", "400", ">="] and "training iterations" in line  # the preset's value
+    assert "deeplabv2_r101 | deeplabv2_vgg16" in next(ln for ln in lines if ln.startswith("model.arch "))
+    assert "[0.0, 1.0]" in next(ln for ln in lines if ln.startswith("optim.momentum "))
+    assert main(["config"]) == 0  # every method's section
+    every = capsys.readouterr().out
+    assert "dast.lambda_c " in every and "pww.T " in every

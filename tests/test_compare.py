@@ -19,12 +19,15 @@ SEARCH_KEYS = ("adaptseg.lambda_adv_main", "optim.lr")
 
 
 def _run(client, exp_id, parent_id, row, seed, metrics, *, status="FINISHED", method=None, search=False,
-         trial="", params=None, tags=None, start=None):
+         trial="", params=None, tags=None, start=None, legacy=False):
+    """A child run as the study runner tags it: a seed run has ``row``, a search trial has
+    ``search_row`` and ``trial`` instead (``legacy``: a trial as stores before that tagged it)."""
     from mlflow.entities import Metric, Param, RunTag
 
-    all_tags = {"mlflow.parentRunId": parent_id, "uda_ray.kind": "row", "study": STUDY, "row": row,
-                "seed": str(seed), "trial": trial, "search": "1" if search else "0",
-                "method": method or row, **(tags or {})}
+    kind = {"uda_ray.kind": "search_trial", "search_row": row, "trial": trial} if search and not legacy else \
+        {"uda_ray.kind": "row", "row": row, "trial": trial}
+    all_tags = {"mlflow.parentRunId": parent_id, "study": STUDY, "seed": str(seed), "search": "1" if search else "0",
+                "method": method or row, **kind, **(tags or {})}
     rid = client.create_run(exp_id, tags=all_tags, start_time=start).info.run_id
     p = {"run.seed": str(seed), **(params or {})}
     # Two steps per metric: the last one is the final value that the table must read.
@@ -97,7 +100,7 @@ def store(tmp_path_factory):
     r("fda", 0, _m(0.5, 0.5, 0.5, 0.5), status="FAILED")
     # advent_search: search trials only, no re-run yet -> hyperparameters from the trial with the best sel
     r("advent_search", 0, _m(0.2, 0.25, 0.5, 0.1), method="advent", search=True, trial="a0",
-      params={"advent.lambda_ent": "0.01"})
+      params={"advent.lambda_ent": "0.01"}, legacy=True)
     r("advent_search", 0, _m(0.2, 0.27, 0.5, 0.1), method="advent", search=True, trial="a1",
       params={"advent.lambda_ent": "0.001"})
 
@@ -170,13 +173,45 @@ def test_failed_run_excluded_and_counted(result):
 
 
 def test_search_row_best_hyperparameters(result):
-    # from the search=0 re-runs' params (trial t0's values never show)
-    assert _row(result, "adaptseg_search")["best_hparams"] == "adaptseg.lambda_adv_main=0.0005, optim.lr=0.00025"
-    # no re-run yet: the best search trial by the objective (sel 0.27 > 0.25)
+    # one column per searched key, numeric; from the search=0 re-runs' params (trial t0's values never show)
+    hp = [c for c in result.table.columns if c.startswith("hp/")]
+    assert hp == ["hp/adaptseg.lambda_adv_main", "hp/optim.lr", "hp/advent.lambda_ent"]
+    se = _row(result, "adaptseg_search")
+    assert (se["hp/adaptseg.lambda_adv_main"], se["hp/optim.lr"]) == (0.0005, 0.00025)
+    assert result.table["hp/optim.lr"].dtype == "float64"
+    # no re-run yet: the best search trial by the objective (sel 0.27 > 0.25; trial a0 is tagged
+    # the way older stores tagged trials, a1 the current way)
     fallback = _row(result, "advent_search")
-    assert fallback["n"] == 0 and fallback["best_hparams"] == "advent.lambda_ent=0.001"
-    assert _row(result, "adaptseg")["best_hparams"] == ""
+    assert fallback["n"] == 0 and fallback["hp/advent.lambda_ent"] == 0.001
+    assert math.isnan(fallback["hp/optim.lr"]) and math.isnan(_row(result, "adaptseg")["hp/optim.lr"])
     assert "advent_search: not re-run over seeds yet" in result.text
+    assert "adaptseg.lambda_adv_main=0.0005, optim.lr=0.00025" in next(
+        ln for ln in result.text.splitlines() if ln.startswith("adaptseg_search "))
+
+
+def test_per_seed_table(result, store):
+    import pandas as pd
+
+    s = result.seeds
+    assert list(s.columns[:9]) == ["row", "method", "seed", "status", "counted", "run_id", "mIoU", "sel_mIoU",
+                                   "delta_paired"]
+    ad = s[s["row"] == "adaptseg"]
+    assert list(ad["seed"]) == ["0", "1", "2", "3"] and list(ad["counted"]) == [True, True, True, False]
+    assert list(ad["status"]) == ["FINISHED"] * 3 + ["FAILED"]
+    assert list(ad["mIoU"][:3]) == pytest.approx([33.0, 35.0, 37.0])
+    assert list(ad["delta_paired"][:3]) == pytest.approx([3.0, 3.0, 3.0]) and math.isnan(ad["delta_paired"].iloc[3])
+    # the superseded run of advent seed 0 is listed, not counted; search trials are not seeds
+    av = s[s["row"] == "advent"]
+    assert list(av["counted"]) == [False, True] and list(av["mIoU"]) == pytest.approx([99.0, 31.0])
+    assert s[s["row"] == "advent_search"].empty
+    assert list(s.loc[s["row"] == "adaptseg_search", "hp/optim.lr"]) == [0.00025, 0.00025]
+    assert s.loc[s["counted"], "IoU/road"].notna().all()
+    # the row means are the means of the counted seeds
+    for _, t in result.table[result.table["n"] > 0].iterrows():
+        assert t["mIoU"] == pytest.approx(s.loc[(s["row"] == t["row"]) & s["counted"], "mIoU"].mean())
+    out = store["root"] / "out"
+    pd.testing.assert_frame_equal(pd.read_parquet(out / f"{STUDY}_seeds.parquet"), s)
+    assert list(pd.read_csv(out / f"{STUDY}_seeds.csv").columns) == list(s.columns)
 
 
 def test_selection_check_gap(result):
@@ -193,15 +228,18 @@ def test_selection_check_gap(result):
             "best on val/mIoU is adaptseg (35.0): gap 0.5 points") in result.text
 
 
+FIGURES = ("bars", "paired_delta", "per_class", "importances")
+
+
 def test_files_and_parquet_roundtrip(result, store):
     import pandas as pd
 
     out = store["root"] / "out"
     names = {p.name for p in result.files}
-    assert names == {f"{STUDY}_compare.csv", f"{STUDY}_compare.parquet", f"{STUDY}_compare.png",
-                     f"{STUDY}_importances.csv"}
-    assert all(p.is_file() and p.stat().st_size > 0 for p in result.files)
-    assert (out / f"{STUDY}_compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert names == ({f"{STUDY}_{k}" for k in ("compare.csv", "compare.parquet", "seeds.csv", "seeds.parquet",
+                                                "compare.md", "compare.tex", "importances.csv")}
+                     | {f"{STUDY}_{f}.{ext}" for f in FIGURES for ext in ("png", "pdf", "svg")})
+    assert all(p.is_file() and p.stat().st_size > 0 and p.parent == out for p in result.files)
     pq = pd.read_parquet(out / f"{STUDY}_compare.parquet")
     pd.testing.assert_frame_equal(pq, result.table)
     assert pq["mIoU"].dtype == "float64" and pq["n"].dtype == "int64"
@@ -210,9 +248,62 @@ def test_files_and_parquet_roundtrip(result, store):
     assert csv.loc[csv["row"] == "adaptseg", "delta"].item() == pytest.approx(3.0)
 
 
-def test_artifacts_logged_to_parent(result, store):
-    arts = store["client"].list_artifacts(store["parent"], "compare")
-    assert {Path(a.path).name for a in arts} == {p.name for p in result.files}
+def test_figures_are_png_pdf_svg_with_seeds_and_n(result, store):
+    from PIL import Image
+
+    out = store["root"] / "out"
+    for f in FIGURES:
+        assert (out / f"{STUDY}_{f}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / f"{STUDY}_{f}.pdf").read_bytes()[:5] == b"%PDF-"
+        with Image.open(out / f"{STUDY}_{f}.png") as im:  # 300 dpi, at most the width of a page (7 in)
+            assert im.info["dpi"][0] == pytest.approx(300, abs=0.1) and im.width <= 7.2 * 300
+    svg = {f: (out / f"{STUDY}_{f}.svg").read_text() for f in FIGURES}  # text stays text in the SVG
+    # bars: n under every row, each counted seed a point (3 + 3 + 2 + 1 = 9 points)
+    for label in ("n=3", "n=2", "n=1", "n=0"):
+        assert label in svg["bars"]
+    assert svg["bars"].count("<use ") >= 9
+    # paired Δ: the seeds won of each row against the baseline
+    assert "3/3 seeds won" in svg["paired_delta"] and "2/2 seeds won" in svg["paired_delta"]
+    assert "traffic light" in svg["per_class"] and "82" in svg["per_class"]
+    # importances: the number of trials behind them, and the warning below the minimum
+    assert "6 completed trials" in svg["importances"] and "not reliable" in svg["importances"]
+    assert result.importance_trials == {"adaptseg_search": 6}
+
+
+def test_formats_and_per_class_columns(result, store):
+    head = result.text.splitlines()[1]
+    assert "road" not in head and "per-class IoU: --per-class" in result.text  # off by default
+    wide = compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "out2", log_to_parent=False,
+                         per_class=True)
+    assert "road" in wide.text.splitlines()[1] and "traffic_light" in wide.text.splitlines()[1]
+    md = compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "out2", log_to_parent=False,
+                       fmt="markdown").text.splitlines()
+    assert md[2].startswith("| row | method | n | mIoU | Δ |") and md[3].startswith("|:---|:---|---:|")
+    assert "| adaptseg | adaptseg | 3 | 35.0 ± 2.0 | +3.0 | +3.0 ± 0.0 (3/3) | 36.0 | 1 |  |" in md
+    tex = compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "out2", log_to_parent=False,
+                        fmt="latex").text
+    assert r"\toprule" in tex and r"source\_only & source\_only & 3 & 32.0 $\pm$ 2.0 & -- & --" in tex
+    assert r"advent & advent & 1 & 31.0 & $-$1.0" in tex and r"\label{tab:quickstart}" in tex
+    # the files have every column, per class included
+    assert r"traffic\_light" in (store["root"] / "out" / f"{STUDY}_compare.tex").read_text()
+    assert "| road |" in (store["root"] / "out" / f"{STUDY}_compare.md").read_text()
+    from uda_ray.errors import UserError
+
+    with pytest.raises(UserError, match="format: expected one of text, markdown, latex"):
+        compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "out2", fmt="html")
+
+
+def test_artifacts_table_and_row_means_logged_to_parent(result, store):
+    import json
+
+    client = store["client"]
+    arts = client.list_artifacts(store["parent"], "compare")
+    assert {Path(a.path).name for a in arts} == {p.name for p in result.files} | {"table.json"}
+    table = json.loads(Path(client.download_artifacts(store["parent"], "compare/table.json")).read_text())
+    assert table["columns"][:4] == ["row", "method", "n", "mIoU"] and len(table["data"]) == 6
+    m = client.get_run(store["parent"]).data.metrics
+    assert m["row/adaptseg/mIoU"] == pytest.approx(35.0) and m["row/adaptseg/delta_paired"] == pytest.approx(3.0)
+    assert m["row/adaptseg/n"] == 3 and m["row/fda/n_failed"] == 1 and "row/fda/mIoU" not in m
 
 
 def test_importances_from_optuna_study(result, store):
@@ -224,7 +315,7 @@ def test_importances_from_optuna_study(result, store):
         optuna.load_study(study_name=f"{STUDY}.adaptseg_search", storage=store["optuna_url"]))
     assert set(imp) == set(SEARCH_KEYS) and sum(imp.values()) == pytest.approx(1.0)
     assert imp == pytest.approx(dict(expected))
-    assert "hyperparameter importance, adaptseg_search:" in result.text
+    assert "hyperparameter importance, adaptseg_search (6 completed trials; fewer than 10: not reliable):" in result.text
     assert "no Optuna study 'quickstart.advent_search'" in result.text
 
 
@@ -232,7 +323,9 @@ def test_unknown_study_error(store, tmp_path):
     with pytest.raises(ValueError) as e:
         compare_study("nosuch", tracking_uri=store["uri"], out_dir=tmp_path, log_to_parent=False)
     msg = str(e.value)
-    assert "'nosuch'" in msg and store["uri"] in msg and "uda-ray study" in msg
+    assert "'nosuch'" in msg and store["uri"] in msg and "uda-ray study" in msg and "did you mean" not in msg
+    with pytest.raises(ValueError, match="did you mean 'quickstart'"):
+        compare_study("quickstrat", tracking_uri=store["uri"], out_dir=tmp_path, log_to_parent=False)
     with pytest.raises(ValueError, match="no study run") as e:
         compare_study("noparent", tracking_uri=store["uri"], out_dir=tmp_path, log_to_parent=False)
     assert store["uri"] in str(e.value)
@@ -249,7 +342,8 @@ def test_study_path_resolves_to_stem_and_no_finished_runs(store, tmp_path):
     assert list(res.table["row"]) == ["a", "b"] and list(res.table["n"]) == [0, 0]
     assert list(res.table["n_failed"]) == [1, 0] and res.selection == {}
     assert "no finished runs in study 'x' yet (1 failed)" in res.text
-    assert (tmp_path / "x_compare.png").is_file() and not (tmp_path / "x_importances.csv").exists()
+    assert (tmp_path / "x_bars.pdf").is_file() and not (tmp_path / "x_importances.csv").exists()
+    assert not (tmp_path / "x_paired_delta.png").exists()  # no finished runs: nothing to pair
 
 
 def test_runs_of_a_dead_process_of_this_host_count_as_killed(store, tmp_path):

@@ -135,11 +135,15 @@ def test_train_cli_logs_a_full_row_to_mlflow(data_root, tmp_path, capsys):
     tags = run.data.tags
     assert tags["method"] == "adaptseg" and tags["seed"] == "5" and tags["bn"] == "shared"
     assert tags["switch.adaptseg.multi_level"] == "True" and tags["dataset"] == "gta5->cityscapes"
-    assert "git_commit" in tags and "uda_ray_version" in tags
+    assert len(tags["mlflow.source.git.commit"]) == 40 and "uda_ray_version" in tags  # MLflow's standard tag
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.loggedImages"]  # the mosaic as an image series
+    # the store's artifacts are beside it, not in ./mlruns
+    assert run.info.artifact_uri.startswith((tmp_path / "mlflow-artifacts").as_uri())
     assert {"val/mIoU", "val/IoU/road", "loss/seg_src", "loss/disc_main"} <= set(run.data.metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [2, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"mosaic.png", "iou_per_class.csv", "config.yaml"} <= artifacts
+    assert {"mosaic.png", "iou_per_class.csv", "config.yaml", "images"} <= artifacts
+    assert any("mosaic~val+step+4" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
     # pointing train at the run directory resumes it (here: already finished, so it only evaluates)
     assert cli(["train", str(tmp_path / "runs" / "cli"), "--no-mlflow", "--quiet"]) == 0
 
@@ -171,3 +175,57 @@ def test_selection_split_is_carved_from_target_train_and_reported_apart(data_roo
     result = fit(cfg)
     assert {"val/mIoU", "sel/mIoU", "tgt/entropy", "src/mIoU", "val/IoU/road"} <= set(result.metrics)
     assert "sel/IoU/road" not in result.metrics and 0.0 <= result.metrics["tgt/entropy"] <= 1.0
+
+
+def test_loss_curves_get_20_points_and_evaluation_time_is_not_training_time(data_root, tmp_path, monkeypatch):
+    """A short run logs its losses often enough to draw a curve; the time an evaluation takes
+    (here made 1 s) stays out of perf/sec_per_iter."""
+    from types import SimpleNamespace
+
+    from uda_ray import engine
+
+    assert engine.log_interval(SimpleNamespace(log_every=50, iterations=150_000)) == 50
+    assert engine.log_interval(SimpleNamespace(log_every=50, iterations=200)) == 10
+    assert engine.log_interval(SimpleNamespace(log_every=50, iterations=2)) == 1
+
+    logged = []
+
+    class Recorder(engine.NullTracker):
+        def log_metrics(self, metrics, step):
+            logged.append((step, metrics))
+
+    real = engine.evaluate_all
+
+    def slow(*a, **k):
+        import time
+
+        time.sleep(1.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "evaluate_all", slow)
+    cfg = tiny_cfg(data_root, tmp_path, "source_only", **{"run.iterations": 4, "run.eval_every": 1,
+                                                          "run.log_every": 50, "run.mosaic_images": 0})
+    fit(cfg, tracker=Recorder())
+    losses = [(s, m) for s, m in logged if "loss/seg_src" in m]
+    assert [s for s, _ in losses] == [1, 2, 3, 4]  # log_every 50 > 4 iterations / 20: every step
+    assert all(m["perf/sec_per_iter"] < 0.5 for _, m in losses), losses
+
+
+def test_mosaic_has_column_titles_and_a_class_legend(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from uda_ray.data.labels import train_palette
+    from uda_ray.mosaic import mosaic_png
+
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randn(3, 32, 64, generator=g), torch.zeros(32, 64, dtype=torch.long),
+             torch.zeros(32, 64, dtype=torch.long), {"attention": torch.rand(32, 64, generator=g)})]
+    with Image.open(mosaic_png(rows, tmp_path / "m.png", norm="imagenet", num_classes=19)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    k = 3  # 64-pixel columns are enlarged 3x (>= 160 px) so that the titles fit
+    assert arr.shape[1] == 4 * 64 * k and arr.shape[0] > 32 * k + 40
+    title = arr[:20]
+    assert (title < 100).all(axis=2).any() and (title == 255).all(axis=2).mean() > 0.8  # dark text on white
+    legend = {tuple(c) for c in arr[20 + 32 * k:].reshape(-1, 3)}
+    assert {tuple(c) for c in train_palette(19)} <= legend  # every class colour, and black (ignored)

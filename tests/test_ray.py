@@ -138,17 +138,24 @@ def test_study_across_two_nodes_records_rows_and_skips_finished_ones(cluster, da
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("uda_ray.kind") == "study"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    status = {(r.data.tags["row"], r.data.tags["search"]): r.info.status for r in children}
+    # a search trial is tagged search_row (not row), so that MLflow's "group by row" leaves it out
+    status = {(r.data.tags.get("row") or r.data.tags["search_row"], r.data.tags["search"]): r.info.status
+              for r in children}
     assert status[("broken", "0")] == "FAILED"
     for row in ("source_only", "adabn", "adaptseg", "adaptseg_search"):
         assert status[(row, "0")] == "FINISHED", row
-    assert sum(r.data.tags["search"] == "1" for r in children) == 2  # the Optuna trials
-    best = next(r for r in children if r.data.tags["row"] == "adaptseg_search" and r.data.tags["search"] == "0")
+    trials = [r for r in children if r.data.tags["search"] == "1"]  # the Optuna trials
+    assert len(trials) == 2 and all(r.data.tags["uda_ray.kind"] == "search_trial" and "row" not in r.data.tags
+                                    for r in trials)
+    best = next(r for r in children if r.data.tags.get("row") == "adaptseg_search")
     assert best.data.tags["best_trial"] and "val/mIoU" in best.data.metrics and "sel/mIoU" in best.data.metrics
-    adabn = next(r for r in children if r.data.tags["row"] == "adabn")
+    adabn = next(r for r in children if r.data.tags.get("row") == "adabn")
     assert adabn.data.params["run.init_from"].endswith("checkpoint_000000") or "checkpoint" in \
         adabn.data.params["run.init_from"]
     assert (tmp_path / "out" / "smoke" / "smoke_compare.csv").is_file()
+    assert (tmp_path / "out" / "smoke" / "smoke_seeds.parquet").is_file()
+    assert (tmp_path / "out" / "smoke" / "smoke_bars.pdf").is_file()
+    assert "viewStateShareKey=" in out and "--workers 1" in out and "optuna-dashboard sqlite:///" in out
 
     # Again: every finished row x seed is skipped; only the broken row runs (and fails) again,
     # continuing its FAILED child run rather than adding another.
@@ -158,7 +165,7 @@ def test_study_across_two_nodes_records_rows_and_skips_finished_ones(cluster, da
     again = [r for r in client.search_runs([exp.experiment_id])
              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in children)
-    broken = next(r for r in again if r.data.tags["row"] == "broken")
+    broken = next(r for r in again if r.data.tags.get("row") == "broken")
     # the first run diverged (NonFiniteLoss); the second refuses to resume the diverged run
     assert broken.info.status == "FAILED" and "this run diverged" in broken.data.tags["error"]
 

@@ -66,6 +66,31 @@ def test_two_processes_creating_a_fresh_store_at_once_both_succeed(store):
     assert Path(store["root"] / "mlflow.db.lock").is_file()
 
 
+def test_a_store_keeps_its_artifacts_beside_it_and_runs_carry_mlflow_source_tags(store):
+    client = _client(store)
+    exp = client.get_experiment_by_name("race")
+    # not ./mlruns/<id> of the current folder, which every new store would share
+    assert exp.artifact_location == (store["root"] / "mlflow-artifacts" / "race").as_uri()
+    assert tracking.artifact_root("sqlite:///a/x.db") != tracking.artifact_root("sqlite:///a/y.db")
+    assert tracking.artifact_root("http://127.0.0.1:5000") is None  # a server decides
+    for run in _runs(client, "race"):
+        t = run.data.tags
+        assert t["mlflow.source.type"] == "LOCAL" and t["mlflow.source.name"] and t["mlflow.user"]
+        assert len(t["mlflow.source.git.commit"]) == 40  # this checkout's commit: the UI's Version
+
+
+def test_run_list_url_and_ui_command():
+    url = tracking.runs_url("sqlite:///x/mlflow.db", "7")
+    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+                   f"&viewStateShareKey={tracking.VIEW_KEY}")
+    assert tracking.runs_url("http://head:5000/", "3").startswith("http://head:5000/#/experiments/3/runs?")
+    assert tracking.ui_command("sqlite:///x/mlflow.db") == "mlflow ui --backend-store-uri sqlite:///x/mlflow.db --workers 1"
+    assert tracking.ui_command("http://head:5000") == ""
+    view = tracking.run_list_view()
+    assert view["selectedColumns"][:4] == ["tags.`row`", "tags.`seed`", "tags.`method`", "metrics.`val/mIoU`"]
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "row"}]
+
+
 def test_owner_of_this_process_is_alive_and_a_reused_pid_is_not():
     assert tracking.owner_alive(tracking.owner_tags())
     assert not tracking.owner_alive(_dead_owner())
@@ -210,6 +235,22 @@ def test_study_rerun_continues_an_unfinished_child_and_reaps_a_dead_driver(store
     children = record.children(row="a")
     assert [r.info.run_id for r in children] == [child]  # continued, not duplicated
     assert children[0].info.status == "FINISHED" and "error" not in children[0].data.tags
+
+    # the experiment holds the run list's view; the study's source tags are on its runs
+    import json
+
+    exp = client.get_experiment(record.experiment_id)
+    assert json.loads(exp.tags[f"mlflow.sharedViewState.{tracking.VIEW_KEY}"]) == tracking.run_list_view()
+    assert exp.tags["mlflow.experiment.primaryMetric.name"] == "val/mIoU"
+    assert client.get_run(record.parent_id).data.tags["mlflow.source.type"] == "LOCAL"
+    # a search trial is another kind of run: no row tag, so that grouping by row leaves it out
+    monkeypatch.setattr(distributed, "trial_id", lambda: "t7")
+    drive_trial({"optim.lr": 0.02}, dict(ctx, row="a", seed=0))
+    (trial,) = record.children(row="a", search="1")
+    t = trial.data.tags
+    assert (t["uda_ray.kind"], t["search_row"], t["trial"], "row" in t) == ("search_trial", "a", "t7", False)
+    assert t["mlflow.source.type"] == "LOCAL" and trial.info.run_name == "a-s0-t7"
+    assert [r.info.run_id for r in record.children(row="a")] == [child]  # the seed runs only
 
 
 def test_second_study_of_the_same_name_exits_2_at_once(data_root, tmp_path, capsys):

@@ -50,15 +50,20 @@ def _resolve_config(args):
     src = Path(args.config)
     if src.is_dir():
         if not (src / "config.yaml").is_file():
-            raise SystemExit(f"uda-ray: error: {src} is a folder without config.yaml (not a run directory)")
+            from .config import ConfigError
+
+            raise ConfigError(f"{src} is a folder without config.yaml (not a run directory)")
         cfg = load_config(src / "config.yaml", overrides)
         return cfg, src
     if src.is_file():
         return load_config(src, overrides), None
     if args.config in PRESETS:
         return load_config(None, overrides, preset=args.config, method=args.method), None
-    raise SystemExit(f"uda-ray: error: {args.config}: neither a config file, a run directory nor a preset "
-                     f"({', '.join(sorted(PRESETS))})")
+    from .config import ConfigError
+    from .errors import did_you_mean
+
+    raise ConfigError(f"{args.config}: neither a config file, a run directory nor a preset "
+                      f"({', '.join(sorted(PRESETS))}){did_you_mean(args.config, PRESETS)}")
 
 
 def _cmd_train(args) -> int:
@@ -202,9 +207,9 @@ def _cmd_bench_proxy(args) -> int:
 
 
 def _cmd_study(args) -> int:
-    from .study import load_study, run_study
+    from .study import find_study, load_study, run_study
 
-    study = load_study(args.study)
+    study = load_study(find_study(args.study))
     return run_study(study, smoke_test=args.smoke_test, address=args.address, storage_path=args.storage_path,
                      tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent, out=args.out)
 
@@ -213,9 +218,26 @@ def _cmd_compare(args) -> int:
     from .compare import compare_study
 
     result = compare_study(args.study, tracking_uri=args.tracking_uri, out_dir=args.out,
-                           log_to_parent=not args.no_log)
+                           log_to_parent=not args.no_log, per_class=args.per_class, fmt=args.format)
     print(result.text)
-    print("written: " + ", ".join(str(f) for f in result.files))
+    print(f"written to {result.files[0].parent}/: " + ", ".join(f.name for f in result.files))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from .config import describe
+
+    rows = describe(args.preset, args.method)
+    if args.format == "yaml":
+        print("\n".join(f"{r['key']}: {r['value']}  # {r['type']}{', ' + r['range'] if r['range'] else ''}; {r['help']}"
+                         for r in rows))
+        return 0
+    head = {"key": "key", "type": "type", "value": f"value ({args.preset or 'default'})", "range": "range",
+            "help": "help"}
+    # a long value or list of choices overflows its column rather than widen it for every line
+    w = {k: max(len(head[k]), *(len(r[k]) for r in rows if len(r[k]) <= 32)) for k in ("key", "type", "value", "range")}
+    for r in [head, *rows]:
+        print("  ".join(r[k].ljust(w[k]) for k in w) + "  " + r["help"])
     return 0
 
 
@@ -262,6 +284,7 @@ def _int_at_least(text: str, lo: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import METHODS, PRESETS
     from .data.datasets import DATASETS
 
     p = _Parser(prog="uda-ray", description=__doc__)
@@ -276,30 +299,36 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("synth", help="write the embedded synthetic-to-real benchmark "
                                       "(GTA5 and Cityscapes layouts)")
     s.add_argument("--out", default=DEFAULT_SYNTH_ROOT, help="output folder (default: %(default)s)")
-    s.add_argument("--seed", type=_count, default=0)
+    s.add_argument("--seed", type=_count, default=0, help="seed of the generator (default: %(default)s)")
     s.add_argument("--n-source", type=_positive, default=None, help="source images (default: the generator's)")
-    s.add_argument("--n-target", type=_positive, default=None, help="target train images")
-    s.add_argument("--n-val", type=_positive, default=None, help="target val images")
-    s.add_argument("--regime", default="default", help="named domain-shift regime")
-    s.add_argument("--workers", type=_positive, default=2)
+    s.add_argument("--n-target", type=_positive, default=None, help="target train images (default: the generator's)")
+    s.add_argument("--n-val", type=_positive, default=None, help="target val images (default: the generator's)")
+    s.add_argument("--regime", default="default",
+                   help="named domain-shift regime: default, none, photo, appearance, layout, full "
+                        "(default: %(default)s)")
+    s.add_argument("--workers", type=_positive, default=2, help="generator processes (default: %(default)s)")
     s.set_defaults(func=_cmd_data_synth)
 
     c = dsub.add_parser("check", help="read every sample; print counts, class histogram, problems")
     c.add_argument("root", help="the dataset's root folder")
-    c.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    c.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="the dataset's reader (required)")
     c.add_argument("--split", default=None, help="split (default: the dataset's first)")
-    c.add_argument("--num-classes", type=int, choices=(19, 16), default=None)
-    c.add_argument("--workers", type=_count, default=2)
-    c.add_argument("--max-problems", type=_count, default=50)
+    c.add_argument("--num-classes", type=int, choices=(19, 16), default=None,
+                   help="label space: 19, or 16 for SYNTHIA (default: the reader's)")
+    c.add_argument("--workers", type=_count, default=2, help="reader processes (0: in this process; default: %(default)s)")
+    c.add_argument("--max-problems", type=_count, default=50, help="problems listed (all are counted; default: %(default)s)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_data_check)
 
     t = sub.add_parser("train", help="train one config (a YAML file, a preset, or a run directory to resume)")
-    t.add_argument("config", help="config YAML, preset name (tiny-cpu, paper) or an existing run directory")
-    t.add_argument("--method", default=None, help="method, when CONFIG is a preset (default: source_only)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("config", help=f"config YAML, preset name ({', '.join(sorted(PRESETS))}) or an existing run "
+                                  "directory (resumed)")
+    t.add_argument("--method", default=None, metavar="METHOD",
+                   help=f"the method, required when CONFIG is a preset: {', '.join(sorted(METHODS))}")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key (repeatable; `uda-ray config` lists the keys)")
     t.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
-    t.add_argument("--experiment", default="uda-ray", help="MLflow experiment")
+    t.add_argument("--experiment", default="uda-ray", help="MLflow experiment (default: %(default)s)")
     t.add_argument("--no-mlflow", action="store_true", help="do not track this run")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--overwrite", action="store_true",
@@ -311,36 +340,52 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="checkpoint file or run directory")
     e.add_argument("--data-root", default=None, help="override data.root")
     e.add_argument("--split", default=None, help="target split (default: the run's data.val_split)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--max-images", type=_count, default=0)
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: %(default)s)")
+    e.add_argument("--max-images", type=_count, default=0, help="evaluate the first N images (0: all)")
     e.set_defaults(func=_cmd_eval)
 
     from .study import study_arg_parser
 
     st = sub.add_parser("study", help="run a study (studies/NAME.py) on the current Ray cluster")
-    st.add_argument("study", help="path of the study script")
+    st.add_argument("study", help="the study: its script's path, or its name (NAME for studies/NAME.py)")
     study_arg_parser(st)
     st.set_defaults(func=_cmd_study)
 
-    cp = sub.add_parser("compare", help="a study's table from MLflow: mean ± std over seeds, Δ, per-class IoU")
+    cp = sub.add_parser("compare", help="a study's table from MLflow: mean ± std over seeds, Δ, per-class IoU, "
+                                        "figures")
     cp.add_argument("study", help="study name (or its script path)")
-    cp.add_argument("--tracking-uri", default=None)
-    cp.add_argument("--out", default=".", help="folder for the CSV, Parquet and PNG")
+    cp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
+    cp.add_argument("--out", default=None,
+                    help="folder for the tables (CSV, Parquet, Markdown, LaTeX), the per-seed table and the "
+                         "figures (PNG, PDF, SVG) (default: runs/STUDY, where `uda-ray study` writes them)")
+    cp.add_argument("--format", default="text", choices=("text", "markdown", "latex"),
+                    help="how the table is printed (default: %(default)s; the files have every format)")
+    cp.add_argument("--per-class", action="store_true", help="print the per-class IoU columns too")
     cp.add_argument("--no-log", action="store_true", help="do not log the table to the study's parent run")
     cp.set_defaults(func=_cmd_compare)
+
+    cf = sub.add_parser("config", help="list every config key: type, value, range and help")
+    cf.add_argument("preset", nargs="?", default=None, metavar="PRESET",
+                    help=f"show the values of a preset ({', '.join(sorted(PRESETS))}; default: the defaults)")
+    cf.add_argument("--method", default=None, metavar="METHOD",
+                    help="the shared keys and this method's (default: every method's)")
+    cf.add_argument("--format", default="table", choices=("table", "yaml"),
+                    help="a table, or YAML to start a config file from (default: %(default)s)")
+    cf.set_defaults(func=_cmd_config)
 
     b = sub.add_parser("bench", help="benchmarks (timings printed, not tests)")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bs = bsub.add_parser("step", help="seconds per training iteration on random data at a preset's sizes")
-    bs.add_argument("--preset", default="tiny-cpu")
+    bs.add_argument("--preset", default="tiny-cpu", help="the preset whose sizes are timed (default: %(default)s)")
     bs.add_argument("--method", default="adaptseg",
-                    help="a method, or 'all': every training method at its paper's architecture, one table")
-    bs.add_argument("--set", action="append", metavar="KEY=VALUE")
+                    help="a method, or 'all': every training method at its paper's architecture, one table "
+                         "(default: %(default)s)")
+    bs.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     bs.add_argument("--scale", type=_positive_float, default=1.0,
                     help="image sizes times SCALE (CPU: e.g. 0.25 is 320x180 + 256x128 for the paper preset)")
     bs.add_argument("--compile", action="store_true", help="run.compile=true: torch.compile the segmenter")
-    bs.add_argument("--warmup", type=_count, default=5)
-    bs.add_argument("--iters", type=_positive, default=20)
+    bs.add_argument("--warmup", type=_count, default=5, help="untimed iterations first (default: %(default)s)")
+    bs.add_argument("--iters", type=_positive, default=20, help="timed iterations (default: %(default)s)")
     bs.add_argument("--rounds", type=_positive, default=1,
                     help="with --method all: time every case this many times, interleaved, and keep each "
                          "case's fastest round (a shared machine's load spreads over all cases)")
@@ -349,10 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "every method at paper sizes in fp32, TF32 and bf16+channels_last, "
                                         "device checks and the proxy benchmark, one table")
     bd.add_argument("--scale", type=_positive_float, default=1.0, help="image sizes times SCALE (1: the papers')")
-    bd.add_argument("--warmup", type=_count, default=3)
-    bd.add_argument("--iters", type=_positive, default=10)
+    bd.add_argument("--warmup", type=_count, default=3, help="untimed iterations first (default: %(default)s)")
+    bd.add_argument("--iters", type=_positive, default=10, help="timed iterations (default: %(default)s)")
     bd.add_argument("--proxy-images", type=_count, default=200, help="images of the proxy benchmark (0: skip)")
-    bd.add_argument("--device", default="auto")
+    bd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: %(default)s)")
     bd.set_defaults(func=_cmd_bench_device)
     bst = bsub.add_parser("study", help="the overhead of a study: a small fixed study (source-only, then AdaBN and "
                                          "AdaptSegNet from it) with every trial's wall time split into Ray/Tune "
@@ -369,10 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     bst.set_defaults(func=_cmd_bench_study)
     bp = bsub.add_parser("proxy", help="time and peak memory of one proxy-label generation over a synthetic "
                                        "score volume (default: Cityscapes train, 2975 x 19 x 512 x 1024)")
-    bp.add_argument("--images", type=_positive, default=2975)
+    bp.add_argument("--images", type=_positive, default=2975, help="images of the score volume (default: %(default)s)")
     bp.add_argument("--size", default="1024x512", help="WIDTHxHEIGHT of the scores (default: %(default)s)")
-    bp.add_argument("--classes", type=_positive, default=19)
-    bp.add_argument("--policy", default="adversarial", choices=("global", "class_balanced", "adversarial"))
+    bp.add_argument("--classes", type=_positive, default=19, help="classes of the scores (default: %(default)s)")
+    bp.add_argument("--policy", default="adversarial", choices=("global", "class_balanced", "adversarial"),
+                    help="the proxy-label policy (default: %(default)s)")
     bp.add_argument("--portion", type=float, default=0.6, help="global/class_balanced portion, or MAT's p1")
     bp.add_argument("--portion2", type=float, default=0.8, help="MAT's p2 (adversarial policy)")
     bp.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -1,6 +1,13 @@
 """``uda-ray compare STUDY``: a study's table printed the way UDA papers print ablation tables,
 read from MLflow alone (the study runner's parent run and its child runs).
 
+Written to ``runs/STUDY/`` by default (``out_dir``) and logged to the study's parent run under
+``compare/``: the table (``STUDY_compare.{csv,parquet,md,tex}``), the per-seed table
+(``STUDY_seeds.{csv,parquet}``: one line per seed run, counted or not), the importances
+(``STUDY_importances.csv``) and the figures of :mod:`uda_ray.figures` (PNG, PDF, SVG). The parent
+run also gets the table as an MLflow table (``compare/table.json``) and each row's means as
+metrics (``row/<row>/mIoU`` ...), so that the MLflow UI shows them without opening a file.
+
 One line per row: the finished seeds' mean ± sample std of the reported target-val mIoU (in %),
 Δ against the baseline row in points (difference of the means, and the mean ± std of the
 seed-paired differences with the number of seeds on which the row beats the baseline), the
@@ -43,11 +50,14 @@ class CompareResult:
     """What ``compare_study`` found and wrote.
 
     Args:
-        table: one line per row, numeric columns (mIoU etc. in %, Δ in points).
-        text: the fixed-width table, the selection check and notes, ready to print.
-        files: the files written in ``out_dir`` (CSV, Parquet, PNG, importances CSV if any).
+        table: one line per row, numeric columns (mIoU etc. in %, Δ in points), the best
+            hyperparameters of search rows as ``hp/<key>`` columns.
+        text: the table (in the requested format), the selection check and notes, ready to print.
+        files: the files written in ``out_dir`` (tables, per-seed table, figures, importances).
         importances: ``{row: {param: importance}}`` for search rows with >= 2 completed Optuna trials.
         selection: the honest-selection check (see ``compare_study``).
+        seeds: one line per seed run of every row (``counted``: it is in the row's mean).
+        importance_trials: ``{row: completed Optuna trials}`` behind each row's importances.
     """
 
     table: "pandas.DataFrame"  # noqa: F821 (imported lazily)
@@ -55,6 +65,8 @@ class CompareResult:
     files: list[Path] = field(default_factory=list)
     importances: dict[str, dict[str, float]] = field(default_factory=dict)
     selection: dict = field(default_factory=dict)
+    seeds: "pandas.DataFrame | None" = None  # noqa: F821
+    importance_trials: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,15 +92,22 @@ def study_name(study: str | Path) -> str:
     return s
 
 
-def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir: str | Path = ".",
-                  log_to_parent: bool = True) -> CompareResult:
-    """Build the ablation table of ``study`` from MLflow and write it next to a bar chart.
+FORMATS = ("text", "markdown", "latex")
+
+
+def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir: str | Path | None = None,
+                  log_to_parent: bool = True, per_class: bool = False, fmt: str = "text") -> CompareResult:
+    """Build the ablation table of ``study`` from MLflow and write it with its figures.
 
     Args:
         study: the study name, or the path of its study file (the name is the file stem).
         tracking_uri: MLflow tracking URI; None keeps MLflow's default (``sqlite:///mlflow.db``).
-        out_dir: folder for ``<study>_compare.{csv,parquet,png}`` and ``<study>_importances.csv``.
-        log_to_parent: also log these files as artifacts of the study's parent run, under ``compare/``.
+        out_dir: folder of the files (see the module's docstring); None: ``runs/<study>``, where
+            ``uda-ray study`` writes them.
+        log_to_parent: also log these files as artifacts of the study's parent run, under
+            ``compare/``, with the table as an MLflow table and each row's means as metrics.
+        per_class: per-class IoU columns in ``text`` (the files always have them).
+        fmt: ``text`` (fixed width), ``markdown`` or ``latex`` (booktabs) for ``text``.
 
     Returns:
         A ``CompareResult``. ``selection`` holds ``criterion``, ``mode``, ``picked`` (the row with
@@ -106,13 +125,15 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
     """
     from . import tracking
 
+    if fmt not in FORMATS:
+        raise UserError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     name = study_name(study)
     uri = tracking.resolve_uri(tracking_uri)
     _check_sqlite_exists(uri, name)
     client = tracking.mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "active":
-        raise UnknownStudy(_unknown(name, uri, f"no MLflow experiment {name!r}"))
+        raise UnknownStudy(_unknown(name, uri, f"no MLflow experiment {name!r}" + _did_you_mean(client, name)))
     # Runs left RUNNING by a killed process of this host count as KILLED (failed), not as
     # "not finished yet"; those of another host are left as they are.
     tracking.reap_orphans(client, exp.experiment_id)
@@ -126,23 +147,55 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
     spec = _spec(tags, runs, notes)
     rows = _aggregate(spec, runs, notes)
     table = _table(spec, rows)
+    seeds = _seed_table(spec, rows, runs)
     selection = _selection(spec, rows)
-    importances = _importances(name, spec, notes)
+    importances, trials = _importances(name, spec, notes)
 
-    out = Path(out_dir)
+    from .figures import write_figures
+
+    out = Path(out_dir) if out_dir is not None else Path("runs") / name
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / f"{name}_compare.csv", out / f"{name}_compare.parquet", out / f"{name}_compare.png"]
+    files = [out / f"{name}_compare.csv", out / f"{name}_compare.parquet", out / f"{name}_seeds.csv",
+             out / f"{name}_seeds.parquet", out / f"{name}_compare.md", out / f"{name}_compare.tex"]
     table.to_csv(files[0], index=False)
     table.to_parquet(files[1], index=False)
-    _plot(name, spec, table, files[2])
+    seeds.to_csv(files[2], index=False)
+    seeds.to_parquet(files[3], index=False)
+    files[4].write_text(_render(name, spec, rows, table, selection, importances, trials, notes,
+                                per_class=True, fmt="markdown") + "\n")
+    files[5].write_text(_render(name, spec, rows, table, selection, importances, trials, notes,
+                                per_class=True, fmt="latex") + "\n")
+    files += write_figures(name, table, seeds, report=spec.report, baseline=spec.baseline,
+                           importances=importances, importance_trials=trials, out_dir=out)
     if importances:
-        files.append(_write_importances(importances, out / f"{name}_importances.csv"))
+        files.append(_write_importances(importances, trials, out / f"{name}_importances.csv"))
     if log_to_parent:
-        for f in files:
-            client.log_artifact(parent.info.run_id, str(f), artifact_path="compare")
+        _log_to_parent(client, parent.info.run_id, spec, table, files)
 
-    text = _render(name, spec, rows, table, selection, importances, notes)
-    return CompareResult(table=table, text=text, files=files, importances=importances, selection=selection)
+    text = _render(name, spec, rows, table, selection, importances, trials, notes, per_class=per_class, fmt=fmt)
+    return CompareResult(table=table, text=text, files=files, importances=importances, selection=selection,
+                         seeds=seeds, importance_trials=trials)
+
+
+def _log_to_parent(client, parent_id: str, spec: "_Spec", table, files: list[Path]) -> None:
+    """The files under ``compare/``, the table as an MLflow table, each row's means as metrics."""
+    import time
+
+    from mlflow.entities import Metric
+
+    for f in files:
+        client.log_artifact(parent_id, str(f), artifact_path="compare")
+    client.log_table(parent_id, data=table.astype(object).where(table.notna(), None), artifact_file="compare/table.json")
+    col, ts = spec.report_col, int(time.time() * 1000)
+    metrics = []
+    for _, t in table.iterrows():
+        key = "".join(c if c.isalnum() or c in "_-. " else "_" for c in t["row"])
+        for name, value in ((col, t[col]), (f"{col}_std", t[f"{col}_std"]), ("delta", t["delta"]),
+                            ("delta_paired", t["delta_paired"]), ("n", t["n"]), ("n_failed", t["n_failed"])):
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                metrics.append(Metric(f"row/{key}/{name}", float(value), ts, 0))
+    for i in range(0, len(metrics), 500):
+        client.log_batch(parent_id, metrics=metrics[i:i + 500])
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +203,13 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
 # --------------------------------------------------------------------------------------------
 class UnknownStudy(UserError, ValueError):
     """No study of that name in the MLflow store."""
+
+
+def _did_you_mean(client, name: str) -> str:
+    """``; did you mean 'x'?`` for the closest study names of the store, '' if none is close."""
+    from .errors import did_you_mean
+
+    return did_you_mean(name, [e.name for e in client.search_experiments(max_results=1000)])
 
 
 def _unknown(name: str, uri: str, why: str) -> str:
@@ -190,9 +250,12 @@ def _children(client, exp_id: str, parent_id: str) -> list[_Run]:
     for r in _search_all(client, exp_id, f"tags.mlflow.parentRunId = '{parent_id}'",
                          order_by=["attributes.start_time ASC"]):
         t = r.data.tags
+        # A search trial is tagged search_row (uda_ray.kind=search_trial); stores written before
+        # that tag it row with search=1.
+        search = t.get("search", "0") == "1" or t.get("uda_ray.kind") == "search_trial"
         out.append(_Run(run_id=r.info.run_id, status=r.info.status, start_time=r.info.start_time or 0,
-                        row=t.get("row", ""), seed=t.get("seed", ""), trial=t.get("trial", ""),
-                        search=t.get("search", "0") == "1", method=t.get("method", ""),
+                        row=t.get("row") or t.get("search_row", ""), seed=t.get("seed", ""),
+                        trial=t.get("trial", ""), search=search, method=t.get("method", ""),
                         metrics=dict(r.data.metrics), params=dict(r.data.params), tags=dict(t)))
     return out
 
@@ -259,6 +322,7 @@ class _Row:
     failed: list[_Run]
     hparams: dict[str, str]
     is_search: bool
+    runs: list[_Run] = field(default_factory=list)   # every seed run (finished, failed, running)
 
     def values(self, key: str) -> list[float]:
         return [r.metrics[key] for r in self.finished if key in r.metrics and math.isfinite(r.metrics[key])]
@@ -297,7 +361,7 @@ def _aggregate(spec: _Spec, runs: list[_Run], notes: list[str]) -> list[_Row]:
         is_search = name in spec.search_space or bool(trials)
         hp = _best_hparams(name, spec, seeds, trials, notes) if is_search else {}
         out.append(_Row(name=name, method=",".join(methods), finished=list(finished.values()), failed=failed,
-                        hparams=hp, is_search=is_search))
+                        hparams=hp, is_search=is_search, runs=seeds))
     return out
 
 
@@ -331,6 +395,28 @@ def _classes(spec: _Spec, rows: list[_Row]) -> list[str]:
     return sorted(names, key=lambda c: (order.get(c, len(order)), c))
 
 
+def _base_seeds(spec: _Spec, rows: list[_Row]) -> dict[str, float]:
+    """The baseline row's reported metric by seed (its counted runs)."""
+    base = next((r for r in rows if r.name == spec.baseline), None)
+    return {r.seed: r.metrics[spec.report] for r in (base.finished if base else [])
+            if math.isfinite(r.metrics.get(spec.report, math.nan))}
+
+
+def _hp_keys(spec: _Spec) -> list[str]:
+    return list(dict.fromkeys(k for keys in spec.search_space.values() for k in keys))
+
+
+def _hp_columns(df, keys: list[str]):
+    """``hp/<key>`` columns as numbers where every value is one, else as text."""
+    import pandas as pd
+
+    for k in keys:
+        c = f"hp/{k}"
+        num = pd.to_numeric(df[c].replace("", None), errors="coerce")
+        df[c] = num if (num.notna() | df[c].isin(["", None])).all() else df[c].fillna("").astype(str)
+    return df
+
+
 def _table(spec: _Spec, rows: list[_Row]):
     import pandas as pd
 
@@ -339,8 +425,8 @@ def _table(spec: _Spec, rows: list[_Row]):
     has13 = any(m13 in r.metrics for row in rows for r in row.finished)
     base = next((r for r in rows if r.name == spec.baseline), None)
     base_mean = base.mean(spec.report, 100) if base else math.nan
-    base_seed = {r.seed: r.metrics[spec.report] for r in (base.finished if base else [])
-                 if math.isfinite(r.metrics.get(spec.report, math.nan))}
+    base_seed = _base_seeds(spec, rows)
+    hp_keys = _hp_keys(spec)
     col = spec.report_col
     records = []
     for row in rows:
@@ -361,13 +447,53 @@ def _table(spec: _Spec, rows: list[_Row]):
             rec["mIoU13"] = row.mean(m13, 100)
         for c in classes:
             rec[f"IoU/{c}"] = row.mean(spec.iou_prefix + c, 100)
-        rec["best_hparams"] = ", ".join(f"{k}={v}" for k, v in row.hparams.items())
+        for k in hp_keys:
+            rec[f"hp/{k}"] = row.hparams.get(k)
         records.append(rec)
     cols = ["row", "method", "n", col, f"{col}_std", "delta", "delta_paired", "delta_paired_std", "n_paired",
             "wins", "sel_mIoU", "n_failed"]
-    cols += ["mIoU13"] * has13 + [f"IoU/{c}" for c in classes] + ["best_hparams"]
+    cols += ["mIoU13"] * has13 + [f"IoU/{c}" for c in classes] + [f"hp/{k}" for k in hp_keys]
     df = pd.DataFrame.from_records(records, columns=cols)
-    return df.astype({"n": "int64", "n_failed": "int64", "n_paired": "int64", "wins": "int64"})
+    df = df.astype({"n": "int64", "n_failed": "int64", "n_paired": "int64", "wins": "int64"})
+    return _hp_columns(df, hp_keys)
+
+
+def _seed_key(seed: str):
+    return (0, int(seed), "") if seed.isdigit() else (1, 0, seed)
+
+
+def _seed_table(spec: _Spec, rows: list[_Row], runs: list[_Run]):
+    """One line per seed run of every row (search trials are not seeds): its status, whether it
+    is counted in the row's mean, its metrics (in %) and its seed-paired difference to the
+    baseline (points), per-class IoU and, for search rows, its hyperparameters."""
+    import pandas as pd
+
+    col, m13 = spec.report_col, f"{spec.split}/mIoU13"
+    classes = _classes(spec, rows)
+    hp_keys = _hp_keys(spec)
+    has13 = any(m13 in r.metrics for row in rows for r in row.runs)
+    base_seed = _base_seeds(spec, rows)
+    records = []
+    for row in rows:
+        counted = {r.run_id for r in row.finished}
+        for r in sorted(row.runs, key=lambda r: (_seed_key(r.seed), r.start_time)):
+            pct = lambda k: 100 * r.metrics[k] if math.isfinite(r.metrics.get(k, math.nan)) else math.nan  # noqa: E731
+            rec = {"row": row.name, "method": r.method, "seed": r.seed, "status": r.status,
+                   "counted": r.run_id in counted, "run_id": r.run_id, col: pct(spec.report),
+                   "sel_mIoU": pct(SEL_METRIC)}
+            rec["delta_paired"] = (rec[col] - 100 * base_seed[r.seed]
+                                   if spec.baseline and r.seed in base_seed and rec["counted"] else math.nan)
+            if has13:
+                rec["mIoU13"] = pct(m13)
+            for c in classes:
+                rec[f"IoU/{c}"] = pct(spec.iou_prefix + c)
+            for k in hp_keys:
+                rec[f"hp/{k}"] = r.params.get(k) if k in spec.search_space.get(row.name, []) else None
+            records.append(rec)
+    cols = ["row", "method", "seed", "status", "counted", "run_id", col, "sel_mIoU", "delta_paired"]
+    cols += ["mIoU13"] * has13 + [f"IoU/{c}" for c in classes] + [f"hp/{k}" for k in hp_keys]
+    df = pd.DataFrame.from_records(records, columns=cols).astype({"counted": "bool"})
+    return _hp_columns(df, hp_keys)
 
 
 def _pick(rows: list[_Row], key: str, mode: str, report: str) -> dict | None:
@@ -400,21 +526,22 @@ def _selection(spec: _Spec, rows: list[_Row]) -> dict:
     return sel
 
 
-def _importances(name: str, spec: _Spec, notes: list[str]) -> dict[str, dict[str, float]]:
+def _importances(name: str, spec: _Spec, notes: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """``({row: {param: importance}}, {row: completed trials})`` of the search rows."""
     rows = [r for r in spec.rows if r in spec.search_space]
     if not rows:
-        return {}
+        return {}, {}
     if not spec.storage:
         notes.append("no optuna_storage tag on the study run: no hyperparameter importances")
-        return {}
+        return {}, {}
     if spec.storage.startswith("sqlite:///") and not Path(spec.storage[len("sqlite:///"):]).is_file():
         # optuna.load_study would create an empty database there.
         notes.append(f"Optuna storage {spec.storage} not found: no hyperparameter importances")
-        return {}
+        return {}, {}
     import optuna
     from optuna.trial import TrialState
 
-    out = {}
+    out, trials = {}, {}
     for row in rows:
         sname = f"{name}.{row}"
         try:
@@ -435,50 +562,20 @@ def _importances(name: str, spec: _Spec, notes: list[str]) -> dict[str, dict[str
             notes.append(f"{row}: importances failed: {e}")
             continue
         out[row] = {k: float(v) for k, v in imp.items()}
-    return out
+        trials[row] = n
+    return out, trials
 
 
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
-def _write_importances(importances: dict, path: Path) -> Path:
+def _write_importances(importances: dict, trials: dict, path: Path) -> Path:
     import pandas as pd
 
-    recs = [{"row": row, "param": k, "importance": v}
+    recs = [{"row": row, "param": k, "importance": v, "n_trials": trials.get(row, 0)}
             for row, imp in importances.items() for k, v in sorted(imp.items(), key=lambda kv: -kv[1])]
-    pd.DataFrame.from_records(recs, columns=["row", "param", "importance"]).to_csv(path, index=False)
+    pd.DataFrame.from_records(recs, columns=["row", "param", "importance", "n_trials"]).to_csv(path, index=False)
     return path
-
-
-def _plot(name: str, spec: _Spec, table, path: Path) -> None:
-    # The Agg canvas directly: no pyplot global state, no GUI backend.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    col = spec.report_col
-    n = len(table)
-    fig = Figure(figsize=(max(4.0, 1.1 * n + 1.5), 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    means = [0.0 if math.isnan(v) else v for v in table[col]]
-    stds = list(table[f"{col}_std"])    # NaN (one seed): no error bar
-    colors = ["tab:orange" if r == spec.baseline else "tab:blue" for r in table["row"]]
-    x = list(range(n))
-    ax.bar(x, means, yerr=stds, capsize=4, color=colors, edgecolor="black", linewidth=0.5)
-    ends = [m + (0.0 if math.isnan(s) else s) for m, s in zip(means, stds)]
-    top = max(ends + [1.0])
-    for i, (m, e, k) in enumerate(zip(table[col], ends, table["n"])):
-        ax.text(i, e + 0.01 * top, f"{m:.1f}" if k else "n=0", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, list(table["row"]), rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, top * 1.25)         # headroom for the labels and the legend
-    ax.set_ylabel(f"target-{spec.split} {col} (%)")
-    ax.set_title(f"{name}: mean ± std over seeds", fontsize=10)
-    if spec.baseline:
-        ax.legend(handles=[Patch(facecolor="tab:orange", edgecolor="black", label=f"baseline ({spec.baseline})")],
-                  fontsize=8, loc="upper right", frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def _f(v: float, signed: bool = False) -> str:
@@ -500,21 +597,47 @@ def _grid(header: list[str], lines: list[list[str]], right: list[bool]) -> list[
     return [fmt(header)] + [fmt(r) for r in lines]
 
 
+def _markdown(header: list[str], lines: list[list[str]], right: list[bool]) -> list[str]:
+    esc = lambda c: c.replace("|", "\\|")  # noqa: E731
+    return (["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---:" if r else ":---" for r in right) + "|"]
+            + ["| " + " | ".join(map(esc, cells)) + " |" for cells in lines])
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "—": "--",
+        "Δ": r"$\Delta$"}
+
+
+def _tex(text: str) -> str:
+    out = "".join(_TEX.get(c, c) for c in text)
+    return "$-$" + out[1:] if out[:1] == "-" and out[1:2].isdigit() else out  # a minus, not a hyphen
+
+
+def _latex(name: str, title: str, header: list[str], lines: list[list[str]], right: list[bool]) -> list[str]:
+    """A booktabs table (``\\usepackage{booktabs}``) with the title as its caption."""
+    spec = "".join("r" if r else "l" for r in right)
+    return [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+            " & ".join(_tex(h) for h in header) + r" \\", r"\midrule",
+            *(" & ".join(_tex(c) for c in cells) + r" \\" for cells in lines),
+            r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(title)}}}", rf"\label{{tab:{_tex(name)}}}",
+            r"\end{table}"]
+
+
 def _render(name: str, spec: _Spec, rows: list[_Row], table, selection: dict, importances: dict,
-            notes: list[str]) -> str:
+            trials: dict, notes: list[str], *, per_class: bool = False, fmt: str = "text") -> str:
     col = spec.report_col
     title = f"study {name}: target-{spec.split} {col} (%), mean ± std over seeds"
     if spec.baseline:
         title += f"; Δ vs {spec.baseline}"
-    classes = [c for c in table.columns if c.startswith("IoU/")]
+    classes = [c for c in table.columns if c.startswith("IoU/")] if per_class else []
     has13 = "mIoU13" in table.columns
-    has_hp = any(table["best_hparams"])
+    has_hp = any(r.hparams for r in rows)
     header = ["row", "method", "n", col] + ["Δ", "paired Δ (wins)"] * bool(spec.baseline) + ["sel mIoU", "failed"]
     header += ["mIoU13"] * has13 + [c[len("IoU/"):] for c in classes] + ["best hyperparameters"] * has_hp
     right = [False, False, True, False] + [True, True] * bool(spec.baseline) + [True, True]
     right += [True] * has13 + [True] * len(classes) + [False] * has_hp
     lines = []
-    for _, t in table.iterrows():
+    for row, (_, t) in zip(rows, table.iterrows()):
         if t["n"] == 0:
             m = _DASH
         elif math.isnan(t[f"{col}_std"]):
@@ -527,28 +650,44 @@ def _render(name: str, spec: _Spec, rows: list[_Row], table, selection: dict, im
             cells.append(_DASH if t["row"] == spec.baseline or not t["n_paired"] else _paired(t))
         cells += [_f(t["sel_mIoU"]), str(t["n_failed"]) if t["n_failed"] else ""]
         cells += ([_f(t["mIoU13"])] if has13 else []) + [_f(t[c]) for c in classes]
-        cells += [t["best_hparams"]] if has_hp else []
+        cells += [", ".join(f"{k}={v}" for k, v in row.hparams.items())] if has_hp else []
         lines.append(cells)
-    out = [title, *_grid(header, lines, right)]
+    if fmt == "markdown":
+        out = [f"**{title}**", "", *_markdown(header, lines, right), ""]
+    elif fmt == "latex":
+        out = _latex(name, title, header, lines, right)
+    else:
+        out = [title, *_grid(header, lines, right)]
+    if not per_class and [c for c in table.columns if c.startswith("IoU/")]:
+        notes = [*notes, "per-class IoU: --per-class, or the CSV/Parquet files"]
 
+    after = []
     if not any(r.finished for r in rows):
         nf = sum(len(r.failed) for r in rows)
-        out.append(f"note: no finished runs in study {name!r} yet ({nf} failed): every row has n = 0")
+        after.append(f"note: no finished runs in study {name!r} yet ({nf} failed): every row has n = 0")
     if selection.get("picked"):
-        out.append(_selection_line(f"honest selection: {spec.objective} ({spec.mode})", selection, spec))
+        after.append(_selection_line(f"honest selection: {spec.objective} ({spec.mode})", selection, spec))
         for key, s in selection.get("label_free", {}).items():
-            out.append(_selection_line(f"label-free {key} ({s['mode']})", s, spec))
+            after.append(_selection_line(f"label-free {key} ({s['mode']})", s, spec))
     elif any(r.finished for r in rows):
-        out.append(f"honest selection: {spec.objective} not logged on any finished row: no check")
+        after.append(f"honest selection: {spec.objective} not logged on any finished row: no check")
     failed = [(row.name, r) for row in rows for r in row.failed]
     if failed:
-        out.append("failed runs (counted, not averaged): "
-                   + "; ".join(f"{n} seed {r.seed} ({r.status.lower()}, run {r.run_id[:8]})" for n, r in failed))
+        after.append("failed runs (counted, not averaged): "
+                     + "; ".join(f"{n} seed {r.seed} ({r.status.lower()}, run {r.run_id[:8]})" for n, r in failed))
     for row, imp in importances.items():
-        out.append(f"hyperparameter importance, {row}: "
-                   + ", ".join(f"{k} {v:.2f}" for k, v in sorted(imp.items(), key=lambda kv: -kv[1])))
-    out += [f"note: {n}" for n in notes]
-    return "\n".join(out)
+        from .figures import MIN_IMPORTANCE_TRIALS
+
+        n = trials.get(row, 0)
+        warn = f"; fewer than {MIN_IMPORTANCE_TRIALS}: not reliable" if n < MIN_IMPORTANCE_TRIALS else ""
+        after.append(f"hyperparameter importance, {row} ({n} completed trials{warn}): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in sorted(imp.items(), key=lambda kv: -kv[1])))
+    after += [f"note: {n}" for n in notes]
+    if fmt == "markdown":
+        after = [f"- {a}" for a in after]
+    elif fmt == "latex":
+        after = [f"% {a}" for a in after]
+    return "\n".join(out + after)
 
 
 def _selection_line(prefix: str, s: dict, spec: _Spec) -> str:

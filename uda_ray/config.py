@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from .errors import did_you_mean
 from .knobs import ConfigError, knob
 from .methods import (AdaBN, AdaptSeg, Curriculum, DAST, JAL, MAT, PWW, Method, SourceOnly)
 
@@ -51,7 +52,8 @@ class RunConfig:
     out: str = knob("runs", "folder holding run directories")
     iterations: int = knob(150_000, "training iterations (AdaptSegNet stops at 150k)", lo=0)
     schedule_iterations: int = knob(250_000, "poly schedule horizon (AdaptSegNet: 250k; 0 = iterations)", lo=0)
-    log_every: int = knob(50, "iterations between loss logs (the only per-step host sync)", lo=1)
+    log_every: int = knob(50, "iterations between loss logs, at most iterations/20 so that a short run still "
+                              "draws curves (each log is the loop's one host sync)", lo=1)
     eval_every: int = knob(5_000, "iterations between target-val evaluations (0 = at the end only)", lo=0)
     checkpoint_every: int = knob(5_000, "iterations between checkpoints (0 = at the end only)", lo=0)
     device: str = knob("auto", "auto, cpu, cuda or cuda:<index>", choices=DEVICES)
@@ -246,14 +248,16 @@ def build_config(values: dict[str, Any] | None = None, *, method: str | None = N
     merged: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS:
-            raise ConfigError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+            raise ConfigError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}"
+                              + did_you_mean(preset, PRESETS))
         merged.update(PRESETS[preset])
     merged.update(values)
     method = merged.pop("method", None) or method
     if method is None:
         raise ConfigError("method: no method given; expected one of " + str(sorted(METHODS)))
     if method not in METHODS:
-        raise ConfigError(f"method: unknown method {method!r}; expected one of {sorted(METHODS)}")
+        raise ConfigError(f"method: unknown method {method!r}; expected one of {sorted(METHODS)}"
+                          + did_you_mean(method, METHODS))
     cfg = Config(method=method, params=METHODS[method].config())
     for key, value in merged.items():
         sec_name, dot, attr = key.partition(".")
@@ -264,15 +268,52 @@ def build_config(values: dict[str, Any] | None = None, *, method: str | None = N
                 continue  # a preset's setting for another method than the active one
             raise ConfigError(f"{key}: belongs to method {sec_name!r}, but the method is {method!r}")
         if sec_name not in SECTIONS and sec_name != method:
-            raise ConfigError(f"{key}: unknown section {sec_name!r}; expected one of {cfg.section_names()}")
+            keys = [k for k in _all_keys(cfg) if k.rsplit(".", 1)[-1] == attr]  # e.g. lr.optim for optim.lr
+            hint = did_you_mean(key, keys or _all_keys(cfg)) or did_you_mean(sec_name, cfg.section_names())
+            raise ConfigError(f"{key}: unknown section {sec_name!r}; expected one of {cfg.section_names()}{hint}")
         sec = cfg.section(sec_name)
         fmap = {f.name: f for f in fields(sec)}
         if attr not in fmap:
-            raise ConfigError(f"{key}: unknown key; {sec_name}.* has {sorted(fmap)}")
+            raise ConfigError(f"{key}: unknown key; {sec_name}.* has {sorted(fmap)}{did_you_mean(key, _all_keys(cfg))} "
+                              f"(`uda-ray config --method {method}` lists every key)")
         setattr(sec, attr, _coerce(key, fmap[attr], value))
     _check_defaults(cfg)
     _cross_checks(cfg)
     return cfg
+
+
+def _all_keys(cfg: Config) -> list[str]:
+    return [k for k in cfg.flat() if k != "method"]
+
+
+def describe(preset: str | None = None, method: str | None = None) -> list[dict[str, str]]:
+    """Every key of the shared sections and of ``method``'s section (every method's when None),
+    with its type, value (the default, or the preset's), allowed range or choices, and help:
+    what ``uda-ray config`` prints."""
+    rows, seen = [], set()
+    for m in [method] if method else list(METHODS):
+        cfg = build_config({}, method=m, preset=preset)
+        for name in cfg.section_names():
+            sec = cfg.section(name)
+            for f in fields(sec):
+                key = f"{name}.{f.name}"
+                if key in seen:
+                    continue
+                seen.add(key)
+                md, value = f.metadata, getattr(sec, f.name)
+                lo, hi, rng = md.get("lo"), md.get("hi"), ""
+                if md.get("choices") is not None:
+                    rng = " | ".join(map(str, md["choices"]))
+                elif lo is not None and hi is not None:
+                    rng = f"{'(' if md.get('lo_open') else '['}{lo}, {hi}]"
+                elif lo is not None:
+                    rng = f"{'>' if md.get('lo_open') else '>='} {lo}"
+                elif hi is not None:
+                    rng = f"<= {hi}"
+                typ = f.type if isinstance(f.type, str) else f.type.__name__
+                rows.append({"key": key, "type": typ, "value": "''" if value == "" else str(value).lower()
+                             if isinstance(value, bool) else str(value), "range": rng, "help": md.get("help", "")})
+    return rows
 
 
 def _check_defaults(cfg: Config) -> None:

@@ -178,6 +178,18 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(num_cpus=num_cpus, log_to_driver=False)
 
 
+def dashboard_url() -> str:
+    """The Ray dashboard of the connected cluster (``http://127.0.0.1:8265`` for a local one),
+    '' when there is none (Ray without its dashboard extras)."""
+    from ray._private.worker import get_dashboard_url  # public only as ray.init()'s return value
+
+    try:
+        url = get_dashboard_url() or ""
+    except Exception:  # not connected, or no dashboard
+        return ""
+    return url if not url or "://" in url else f"http://{url}"
+
+
 def pickle_by_value(module) -> None:
     """Ship a module's functions by value (a study script is not importable on workers)."""
     if module is None or module.__name__.startswith(("uda_ray.", "builtins")) or module.__name__ == "__main__":
@@ -267,8 +279,13 @@ def optuna_searcher(space: Callable, *, metric, mode, seed: int, num_samples: in
 
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, max(1, num_samples // 2)))
     rdb = optuna.storages.RDBStorage(storage) if storage else None
-    return MetricReportsOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name,
-                                     storage=rdb, seed=None)
+    search = MetricReportsOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name,
+                                       storage=rdb, seed=None)
+    if rdb is not None and study_name:
+        # optuna-dashboard labels its axes with these (otherwise "Objective 0")
+        optuna.load_study(study_name=study_name, storage=rdb).set_metric_names(
+            list(metric) if isinstance(metric, (list, tuple)) else [metric])
+    return search
 
 
 ERROR_KEY = "uda_ray_error"  # a trial's last report when it failed for a reason a retry cannot fix

@@ -7,8 +7,8 @@ from ``torch.distributed`` when it is initialised, and reporting goes through th
 ``tracker`` and ``on_checkpoint`` arguments.
 
 Speed: the hot loop stays on the device. Losses are accumulated on the device and read
-back only every ``run.log_every`` steps (the only host sync), which is also when the
-non-finite guard looks at them; bf16 autocast and channels_last apply on CUDA (and on the
+back only every :func:`log_interval` steps (``run.log_every``, or often enough for 20 points
+on a short run; the only host sync), which is also when the non-finite guard looks at them; bf16 autocast and channels_last apply on CUDA (and on the
 CPU with ``run.cpu_amp``); ``run.compile`` compiles the segmenter.
 """
 
@@ -203,7 +203,8 @@ def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int 
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(loader, desc="eval", leave=False, unit="img")
+        it = tqdm(loader, desc=f"eval {getattr(dataset, 'split', '')}".rstrip(), leave=False, unit="img",
+                  total=min(len(loader), max_images) if max_images else len(loader), dynamic_ncols=True)
     for i, batch in enumerate(it):
         if max_images and i * ctx.world_size + ctx.rank >= max_images:
             break
@@ -231,19 +232,21 @@ def evaluate_all(method, data: dict, ctx: Context, *, mosaic: int = 0,
                  progress: bool = False) -> tuple[dict, Scores, list]:
     """Every evaluation of a checkpoint, by prefix: ``val/`` (the reported split, per class),
     ``sel/`` (the selection split, what studies choose on), ``tgt/entropy`` (label-free, on
-    the selection images) and ``src/`` (label-free w.r.t. the target: held-out source)."""
+    the selection images) and ``src/`` (label-free w.r.t. the target: held-out source).
+    ``progress``: a bar per split (on rank 0)."""
     run = ctx.cfg.run
+    bar = progress and ctx.rank == 0
     if ctx.world_size > 1:
         sync_buffers(method, ctx.world_size)
     scores, triplets, _ = evaluate(method, data["val"], ctx, max_images=run.max_val_images, mosaic=mosaic,
-                                   progress=progress)
+                                   progress=bar)
     metrics = scores.as_dict("val/")
     if "sel" in data:
-        sel, _, ent = evaluate(method, data["sel"], ctx, entropy=True, progress=progress)
+        sel, _, ent = evaluate(method, data["sel"], ctx, entropy=True, progress=bar)
         metrics.update(sel.as_dict("sel/", per_class=False))
         metrics["tgt/entropy"] = ent
     if "src_val" in data:
-        src, _, _ = evaluate(method, data["src_val"], ctx, progress=progress)
+        src, _, _ = evaluate(method, data["src_val"], ctx, progress=bar)
         metrics.update(src.as_dict("src/", per_class=False))
     return metrics, scores, triplets
 
@@ -329,6 +332,7 @@ class NullTracker:
     def set_tags(self, tags: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: int) -> None: ...
     def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
+    def log_image(self, path: Path, key: str, step: int) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -476,7 +480,7 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
                                                  progress=progress and rank == 0)
         tracker.log_metrics(metrics, step=max(iters, start))
         t = phases.add("eval", t)
-        _final_reports(cfg, method, scores, triplets, run_dir, tracker)
+        _final_reports(cfg, method, scores, triplets, run_dir, tracker, step=max(iters, start))
         t = phases.add("reports", t)
         if not method.trains or iters == 0:  # e.g. AdaBN, or evaluating an init_from checkpoint
             path = checkpoint_path(run_dir)
@@ -503,12 +507,20 @@ def scheduled_lr(so, step: int, horizon: int, power: float, batches_per_epoch: i
     raise ValueError(f"unknown learning-rate schedule {so.schedule!r}; expected poly, poly_epoch or const")
 
 
+def log_interval(run) -> int:
+    """Steps between loss logs: ``run.log_every``, but at least 20 points over the run, so that
+    a short run (a study's, a smoke test's) still draws loss curves. A host sync each time:
+    long runs keep ``run.log_every``."""
+    return max(1, min(run.log_every, run.iterations // 20))
+
+
 def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, tracker, bar, on_checkpoint,
           phases: Phases):
     """Steps ``start`` .. ``stop - 1`` of a run of ``iters`` steps (one phase). The logged
     ``perf/sec_per_iter`` counts training steps only: evaluation and checkpoints are timed
     apart (``phases``)."""
     run = cfg.run
+    every = log_interval(run)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     scores, metrics = None, {}
@@ -527,7 +539,7 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
         done = step + 1
         if bar is not None:
             bar.update(1)
-        if done % run.log_every == 0 or done == stop:
+        if done % every == 0 or done == stop:
             means = {k: (v / count).item() for k, v in sums.items()}  # the one host sync
             bad = [k for k, v in means.items() if not math.isfinite(v)]
             if bad:
@@ -558,8 +570,10 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
             tracker.log_metrics(metrics, step=done)
             t = phases.add("eval", t)
             if last:
-                _final_reports(cfg, method, scores, triplets, run_dir, tracker)
+                _final_reports(cfg, method, scores, triplets, run_dir, tracker, step=done)
                 t = phases.add("reports", t)
+            if bar is not None:
+                bar.unpause()  # evaluation time is not training time: out of the bar's rate too
         if do_ckpt:
             if ctx.world_size > 1 and not do_eval:
                 sync_buffers(method, ctx.world_size)
@@ -575,7 +589,7 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
     return scores, metrics
 
 
-def _final_reports(cfg, method, scores, triplets, run_dir, tracker) -> None:
+def _final_reports(cfg, method, scores, triplets, run_dir, tracker, step: int) -> None:
     if method.ctx.rank != 0:
         return
     table = run_dir / "iou_per_class.csv"
@@ -586,9 +600,9 @@ def _final_reports(cfg, method, scores, triplets, run_dir, tracker) -> None:
         f.write(f"mIoU,{scores.miou:.6f},{scores.macc:.6f}\n")
     tracker.log_artifact(table)
     tracker.log_artifact(run_dir / "config.yaml")
-    if triplets:
-        tracker.log_artifact(mosaic_png(triplets, run_dir / "mosaic.png", norm=cfg.data.norm,
-                                        num_classes=cfg.data.num_classes))
+    if triplets:  # an image series: MLflow shows the mosaics of several runs side by side
+        tracker.log_image(mosaic_png(triplets, run_dir / "mosaic.png", norm=cfg.data.norm,
+                                     num_classes=cfg.data.num_classes), key="mosaic/val", step=step)
 
 
 def run_tags(cfg: Config, method, data) -> dict[str, str]:
@@ -596,17 +610,11 @@ def run_tags(cfg: Config, method, data) -> dict[str, str]:
 
     tags = {"method": cfg.method, "seed": str(cfg.run.seed), "bn": cfg.model.bn,
             "dataset": f"{cfg.data.source}->{cfg.data.target}", "data_root": str(cfg.data.root),
-            "uda_ray_version": __version__, "git_commit": git_commit()}
+            "uda_ray_version": __version__}
+    from .tracking import git_commit  # (no MLflow import)
+
+    if commit := git_commit():  # MLflow's standard tag: the UI's Version column
+        tags["mlflow.source.git.commit"] = commit
     tags.update({f"switch.{k}": str(v) for k, v in method.switches().items()})
     return tags
-
-
-def git_commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 

@@ -670,6 +670,6 @@ def generate_for_run(ctx, data: dict, score_fn: ScoreFn, policy: ProxyPolicy, ou
                                  "proxy/requested_frac": policy.requested()}, step=step)
         if rows:
             path = mosaic_png(rows, out_dir.parent / f"{out_dir.name}_mosaic.png", norm=cfg.data.norm,
-                              num_classes=cfg.data.num_classes)
-            ctx.tracker.log_artifact(path)
+                              num_classes=cfg.data.num_classes, titles=("image", "ground truth", "proxy label"))
+            ctx.tracker.log_image(path, key=f"mosaic/{out_dir.name}", step=step)
     return stats

@@ -153,6 +153,30 @@ def study_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     return p
 
 
+def find_study(arg: str | Path) -> Path:
+    """The script of a study given as a path or as a bare name (``quickstart`` is
+    ``studies/quickstart.py`` of the current folder, else of the uda-ray checkout), as
+    ``uda-ray compare`` takes either.
+
+    Raises:
+        UserError: no such script, with the closest study names.
+    """
+    from .errors import UserError, did_you_mean
+
+    path = Path(arg)
+    if path.is_file():
+        return path
+    folders = [path.parent] if path.suffix == ".py" or len(path.parts) > 1 else \
+        [Path("studies"), Path(__file__).resolve().parents[1] / "studies"]
+    if path.suffix != ".py" and len(path.parts) == 1:
+        for d in folders:
+            if (d / f"{arg}.py").is_file():
+                return d / f"{arg}.py"
+    names = sorted({q.stem for d in folders if d.is_dir() for q in d.glob("*.py") if not q.name.startswith("_")})
+    raise UserError(f"{arg}: no study script of that path or name{did_you_mean(path.stem, names)} "
+                    f"(studies in {folders[0]}: {', '.join(names) or 'none'})")
+
+
 def load_study(path: str | Path) -> Study:
     """The ``STUDY`` object of a study script."""
     import importlib.util
@@ -182,7 +206,14 @@ STUDY_LOCK = ".study.lock"  # in <out>/<study name>/: held by the one process ru
 # --- MLflow bookkeeping (driver side) -------------------------------------------------------
 
 class StudyRecord:
-    """The study's parent run and its child runs in MLflow."""
+    """The study's parent run and its child runs in MLflow.
+
+    A row's seed runs are tagged ``uda_ray.kind=row`` and ``row=<row>``: they are the runs the
+    compare table averages. A search row's Optuna trials are ``uda_ray.kind=search_trial`` with
+    ``search_row=<row>`` and ``trial=<id>`` instead, so that grouping MLflow's run list by
+    ``row`` gives the table's means. The experiment holds the run list's view
+    (:func:`uda_ray.tracking.set_run_list_view`) that :meth:`runs_url` opens.
+    """
 
     def __init__(self, study: Study, name: str, tracking_uri: str | None):
         self.tracking_uri = tracking.resolve_uri(tracking_uri)
@@ -201,7 +232,8 @@ class StudyRecord:
             self.parent_id = self.client.create_run(
                 self.experiment_id, run_name=name,
                 tags={"uda_ray.kind": "study", "study": name, **tracking.owner_tags()}).info.run_id
-        tags = {"rows": ",".join(r.name for r in study.rows), "baseline": study.baseline or "",
+        tracking.set_run_list_view(self.client, self.experiment_id)
+        tags = {**tracking.source_tags(), "rows": ",".join(r.name for r in study.rows), "baseline": study.baseline or "",
                 "objective": study.objective, "objective_mode": study.mode, "report_metric": "val/mIoU",
                 "seeds": ",".join(map(str, study.seeds))}
         for r in study.rows:
@@ -220,9 +252,19 @@ class StudyRecord:
         return self
 
     def children(self, **tags) -> list:
+        """Child runs with these tag values; ``row`` names a search row's trials when
+        ``search="1"`` (their tag is ``search_row``); an empty value matches a missing tag."""
+        if tags.get("search") == "1" and "row" in tags:
+            tags["search_row"] = tags.pop("row")
         flt = [f"tags.mlflow.parentRunId = '{self.parent_id}'"]
-        flt += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        return self.client.search_runs([self.experiment_id], filter_string=" and ".join(flt), max_results=5000)
+        flt += [f"tags.`{k}` = '{v}'" for k, v in tags.items() if v != ""]
+        runs = self.client.search_runs([self.experiment_id], filter_string=" and ".join(flt), max_results=5000)
+        empty = [k for k, v in tags.items() if v == ""]
+        return [r for r in runs if not any(r.data.tags.get(k, "") for k in empty)]
+
+    def runs_url(self) -> str:
+        """The study's run list in the MLflow UI (:func:`uda_ray.tracking.runs_url`)."""
+        return tracking.runs_url(self.tracking_uri, self.experiment_id)
 
     def finished(self, row: str, seed: int, chash: str):
         for run in self.children(row=row, seed=str(seed), search="0"):
@@ -267,12 +309,19 @@ def drive_trial(config: dict, ctx: dict) -> None:
     search = "1" if "search" in config or (sampled and "trial" not in config) else "0"
     tid = distributed.trial_id()
     record = StudyRecord.attach(ctx)
-    tags = {"mlflow.parentRunId": ctx["parent_id"], "uda_ray.kind": "row", "study": ctx["study"], "row": row,
-            "seed": str(seed), "trial": tid if search == "1" else "", "search": search,
-            "config_hash": config_hash(flat), "uda_ray.tune_trial": tid, **t.get("tags", {})}
-    run_name = f"{row}-s{seed}" + (f"-{tid}" if search == "1" else "")
     client = record.client
-    earlier = record.unfinished(row, seed, tags["config_hash"], search, tags["trial"])
+    # A search trial is another kind of run than the row's seed runs (see StudyRecord); the
+    # source tags (command, commit, user) are the study's.
+    parent_tags = client.get_run(ctx["parent_id"]).data.tags
+    tags = {"mlflow.parentRunId": ctx["parent_id"], "study": ctx["study"], "seed": str(seed), "search": search,
+            "config_hash": config_hash(flat), "uda_ray.tune_trial": tid, **t.get("tags", {}),
+            **{k: v for k, v in parent_tags.items() if k.startswith(("mlflow.source.", "mlflow.user"))}}
+    if search == "1":
+        tags.update({"uda_ray.kind": "search_trial", "search_row": row, "trial": tid})
+    else:
+        tags.update({"uda_ray.kind": "row", "row": row})
+    run_name = f"{row}-s{seed}" + (f"-{tid}" if search == "1" else "")
+    earlier = record.unfinished(row, seed, tags["config_hash"], search, tags.get("trial", ""))
     if earlier is not None:  # a re-run continues the row x seed's unfinished child run
         run_id = earlier.info.run_id
         tracking.reopen(client, run_id)
@@ -363,6 +412,8 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     record = StudyRecord(study, name, tracking_uri)
     print(f"study {name}: {len(study.rows)} rows x {len(seeds)} seeds; MLflow parent run {record.parent_id} "
           f"({record.tracking_uri}); storage {storage_path}")
+    if dash := distributed.dashboard_url():
+        print(f"  Ray dashboard (trials, workers, logs) while it runs: {dash}")
     ctx = {"study": name, "parent_id": record.parent_id, "experiment_id": record.experiment_id,
            "tracking_uri": record.tracking_uri, "storage_path": storage_path, "out": out,
            "workers": study.workers_per_trial, "cpus": study.cpus_per_worker, "gpus": study.gpus_per_worker,
@@ -429,10 +480,28 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
         print("failed trials (recorded as FAILED in MLflow; the other rows went on):")
         for f in failed:
             print(f"  {f}")
-    print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {record.tracking_uri}   "
-          f"(experiment '{name}')\nThe same table from MLflow alone:  uda-ray compare {name}"
-          + (f" --tracking-uri {tracking_uri}" if tracking_uri else ""))
+    print(closing_message(record, result.files, tracking_uri=tracking_uri))
     return 1 if failed else 0
+
+
+def closing_message(record: StudyRecord, files: list, *, tracking_uri: str | None = None) -> str:
+    """Where a finished study's results are: its table and figures, the MLflow run list (the
+    command that serves it and the URL that opens it), the Optuna dashboard of its search rows."""
+    name = record.name
+    cmd = tracking.ui_command(record.tracking_uri)
+    lines = [f"\nResults of study {name}:",
+             f"  table, per-seed table, figures: {Path(files[0]).parent if files else '?'}/",
+             f"    the same again from MLflow alone:  uda-ray compare {name}"
+             + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")]
+    if cmd:
+        lines.append(f"  MLflow runs (rows, seeds, val/mIoU; grouped by row):  {cmd}")
+        lines.append(f"    then open  {record.runs_url()}")
+    else:
+        lines.append(f"  MLflow runs (rows, seeds, val/mIoU; grouped by row):  {record.runs_url()}")
+    storage = record.client.get_run(record.parent_id).data.tags.get("optuna_storage")
+    if storage:
+        lines.append(f"  Optuna searches:  optuna-dashboard {storage}   (pip install optuna-dashboard)")
+    return "\n".join(lines)
 
 
 def drive_trial_with(ctx: dict):

@@ -11,6 +11,19 @@ Bookkeeping that keeps a row what it says it is:
   time), and :func:`reap_orphans` marks KILLED the RUNNING runs whose process has died;
 * ``uda-ray train`` records its run in ``RUN_DIR/mlflow_run.json``, so that resuming the run
   directory continues the same MLflow run (:meth:`MlflowTracker.for_run_dir`).
+
+What a person sees in the MLflow UI (checked against MLflow 3.17's UI in headless Chromium,
+``tests/test_mlflow_ui.py``):
+
+* every run carries MLflow's standard source tags (:func:`source_tags`: ``mlflow.source.name``,
+  ``mlflow.source.type``, ``mlflow.source.git.commit``, ``mlflow.user``), which fill the UI's
+  Source, Version and "Created by" columns;
+* an experiment created here on a SQLite store keeps its artifacts beside the store
+  (:func:`artifact_root`), never in ``./mlruns`` of the current folder, which every new store
+  would share (each numbers its first experiment 1);
+* a study's experiment holds a shared view of its run list (:func:`set_run_list_view`): the
+  columns row, seed, method, ``val/mIoU`` and ``sel/mIoU``, grouped by row, opened directly by
+  :func:`runs_url` (MLflow 3.17 otherwise opens an experiment on its GenAI overview page).
 """
 
 from __future__ import annotations
@@ -80,9 +93,111 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
+def artifact_root(uri: str) -> Path | None:
+    """Where the artifacts of a SQLite store's experiments go: ``<store>-artifacts/`` beside the
+    database file (``mlflow.db`` -> ``mlflow-artifacts/``), one folder per experiment below it.
+    None for other stores (a tracking server decides its own artifact root)."""
+    db = _sqlite_file(uri)
+    return None if db is None else db.resolve().with_name(f"{db.stem}-artifacts")
+
+
 def experiment_id(client, name: str) -> str:
+    """The id of experiment ``name``, created if missing; on a SQLite store with its artifacts
+    under :func:`artifact_root` (a folder named after the experiment)."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root(client.tracking_uri)
+    where = None if root is None else (root / _safe_name(name)).as_uri()
+    return client.create_experiment(name, artifact_location=where)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
+
+
+# --- what the MLflow UI shows ---------------------------------------------------------------
+
+VIEW_KEY = "uda-ray"  # the shared view of a study's run list: experiment tag mlflow.sharedViewState.<key>
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+PRIMARY_METRIC = "val/mIoU"
+
+
+def source_tags(source: str | None = None) -> dict[str, str]:
+    """MLflow's standard tags of a run started here: the command (``mlflow.source.name``, as
+    ``uda-ray train`` or ``studies/NAME.py``), ``mlflow.source.type`` LOCAL, the git commit of
+    this checkout (``mlflow.source.git.commit``, when there is one) and the user. The UI shows
+    them as Source, Version and "Created by"."""
+    import getpass
+    import sys
+
+    if source is None:
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+        source = " ".join([prog, *sys.argv[1:2]]) if prog == "uda-ray" else prog
+    tags = {"mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        pass
+    return tags
+
+
+def git_commit() -> str:
+    """The commit of the uda-ray checkout, '' when it is not a git checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_list_view(*, group_by: str | None = "row") -> dict:
+    """The UI state of a study's run list (MLflow 3.17's shared-view format): row, seed, method,
+    ``val/mIoU`` and ``sel/mIoU`` as the first columns, run names wide enough to read, runs in
+    start order and, with ``group_by``, grouped by that tag with the mean of each group (only
+    the seed runs of a row carry the ``row`` tag: search trials and the study's parent run
+    stay out of the row groups, so a group's mean is the compare table's)."""
+    tag, metric, attr = (lambda k: f"tags.`{k}`"), (lambda k: f"metrics.`{k}`"), (lambda k: f"attributes.`{k}`")
+    cols = [tag("row"), tag("seed"), tag("method"), metric(PRIMARY_METRIC), metric("sel/mIoU"), tag("search_row"),
+            attr("User"), attr("Source"), attr("Version")]
+    view = {"selectedColumns": cols, "columnOrder": [attr("Run Name"), *cols, "runDateAndNestInfo", "duration"],
+            "columnWidths": {attr("Run Name"): 320}, "orderByKey": "attributes.start_time", "orderByAsc": True}
+    if group_by:
+        view["groupBy"] = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": group_by}]}
+    return view
+
+
+def set_run_list_view(client, exp_id: str) -> None:
+    """Store :func:`run_list_view` in the experiment (the view that :func:`runs_url` opens) and
+    name ``val/mIoU`` its primary metric (higher is better)."""
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(run_list_view()))
+    client.set_experiment_tag(exp_id, "mlflow.experiment.primaryMetric.name", PRIMARY_METRIC)
+    client.set_experiment_tag(exp_id, "mlflow.experiment.primaryMetric.greaterIsBetter", "true")
+
+
+def ui_base(uri: str) -> str:
+    """The address of the UI that shows ``uri``: the tracking server itself, else ``mlflow ui``'s."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+
+
+def runs_url(uri: str, exp_id: str, *, view: bool = True) -> str:
+    """The URL of an experiment's run list (MLflow 3.17 opens ``#/experiments/<id>`` on its GenAI
+    overview, without runs), with the study's shared view when ``view``."""
+    url = f"{ui_base(uri)}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    return url + (f"&viewStateShareKey={VIEW_KEY}" if view else "")
+
+
+def ui_command(uri: str) -> str:
+    """The command that serves the UI of ``uri`` (none needed for a tracking server). One web
+    worker: ``mlflow ui``'s default of 4 takes about 3 GiB."""
+    if uri.startswith(("http://", "https://")):
+        return ""
+    return f"mlflow ui --backend-store-uri {uri} --workers 1"
 
 
 def error_text(e: BaseException) -> str:
@@ -183,7 +298,7 @@ class MlflowTracker:
         self.client = mlflow_client(self.tracking_uri)
         self.experiment_id = experiment_id(self.client, experiment)
         if run_id is None:
-            all_tags = {**owner_tags(), **(tags or {})}
+            all_tags = {**source_tags(), **owner_tags(), **(tags or {})}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             if run_name:
@@ -252,6 +367,15 @@ class MlflowTracker:
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=subdir)
+
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """An image as MLflow's image series ``key`` at ``step`` (the UI compares the images of
+        several runs side by side and steps through them), and as a plain artifact."""
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.client.log_image(self.run_id, im.convert("RGB"), key=key, step=step, synchronous=True)
+        self.log_artifact(path)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -1223,15 +1223,19 @@ def generate(out, *, seed=0, n_source=DEFAULT_N_SOURCE, n_target=DEFAULT_N_TARGE
     job = {"seed": params["seed"], "shift": Shift(**params["shift"]), "out": out, "lut": _label_lut(),
            "palette": labelid_palette()}
     counts = {d: np.zeros(20, np.int64) for d in _DOMAINS}
-    done = 0
 
     def collect(results):
-        nonlocal done
+        bar = None
+        if progress:  # a bar with rate and ETA on stderr
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(tasks), desc="synth", unit="img", dynamic_ncols=True, file=sys.stderr)
         for d, c in results:
             counts[d] += c
-            done += 1
-            if progress and (done % max(1, len(tasks) // 20) == 0 or done == len(tasks)):
-                print(f"synth: {done}/{len(tasks)} images, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
 
     if workers == 1:
         threads = cv2.getNumThreads()
@@ -1261,7 +1265,9 @@ def generate(out, *, seed=0, n_source=DEFAULT_N_SOURCE, n_target=DEFAULT_N_TARGE
 
 
 def ensure_benchmark(out, **kw) -> Path:
-    """Generate the benchmark unless ``out/synth.json`` records the same parameters."""
+    """Generate the benchmark unless ``out/synth.json`` records the same parameters (with a
+    progress bar unless ``progress=False``: first use inside ``train`` and ``study``)."""
+    kw.setdefault("progress", True)
     out = Path(out)
     gen_kw = {k: kw[k] for k in ("seed", "n_source", "n_target", "n_val", "regime", "shift") if k in kw}
     unknown = set(kw) - set(gen_kw) - {"workers", "progress"}
