@@ -101,3 +101,19 @@ def test_finished_rows_are_skipped_and_a_search_queues_the_best_re_runs():
     assert r0["trial"]["set"] == {"adaptseg.lambda_adv_main": 0.002} and r0["trial"]["tags"] == {"best_trial": "t7"}
     rs.on_trial_complete("t6")
     assert _key(rs.suggest("t8"))[0] == "dep"
+
+
+def test_trials_that_can_never_start_fail_instead_of_waiting_forever():
+    jobs = [{"row": "a", "seed": 0, "after": ("b", 0), "set": {}, "tags": {}},
+            {"row": "b", "seed": 0, "after": ("a", 0), "set": {}, "tags": {}}]
+    rs = RowScheduler(jobs, [], resolve=None, best_of=None, metric="sel/mIoU", mode="max")
+    _run(rs)
+    assert rs.suggest("t1") == Searcher.FINISHED
+    assert sorted(rs.failures) == ["a s0: its init_from row b never ran", "b s0: its init_from row a never ran"]
+
+
+def test_a_circular_init_from_is_refused_when_the_study_is_built():
+    from uda_ray.study import Row, Study
+
+    with pytest.raises(ValueError, match="circular init_from"):
+        Study(name="x", rows=[Row("a", "source_only", init_from="b"), Row("b", "source_only", init_from="a")])

@@ -105,6 +105,15 @@ class RowScheduler(Searcher):
             return {**config, "search": {"row": s["row"], "seed": s["seed"], "init_from": s["init_from"]}}
         if not self.pending and not self.running and all(s["todo"] <= 0 for s in self.searches.values()):
             return Searcher.FINISHED
+        if not self.running:  # everything left waits for something that cannot start: never wait forever
+            for job in self.pending:
+                self._fail((job["row"], job["seed"]), f"its init_from row {job['after'][0]} never ran")
+            self.pending = []
+            for s in self.searches.values():
+                if s["todo"] > 0:
+                    s["todo"] = 0
+                    self._search_done(s, failed=f"its init_from row {s['after'][0]} never ran")
+            return Searcher.FINISHED
         return None  # something is running that what waits depends on
 
     # --- what ended -------------------------------------------------------------------

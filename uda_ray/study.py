@@ -96,6 +96,7 @@ class Study:
             build_config({**self.base, **r.set}, method=r.method)  # fail early, naming the key
         if self.baseline and self.baseline not in names:
             raise ValueError(f"study {self.name}: baseline {self.baseline!r} is not a row")
+        self.stages()  # refuses a circular init_from (whose trials would wait for each other forever)
         if self.ray_train is False and (self.workers_per_trial > 1 or self.gpus_per_worker):
             raise ValueError(f"study {self.name}: ray_train=False runs a trial in one CPU process; "
                              f"workers_per_trial={self.workers_per_trial} and gpus_per_worker="
