@@ -1,11 +1,11 @@
 """Quickstart: source-only, AdaBN and AdaptSegNet on the embedded benchmark over 3 seeds, and
 a small Optuna search over AdaptSegNet's lambda_adv and discriminator learning rate.
 
-    uda-ray study studies/quickstart.py            # about 10 minutes on 2 CPU cores
+    uda-ray study studies/quickstart.py            # about 6 minutes on 2 CPU cores (fresh clone)
     uda-ray study studies/quickstart.py --smoke-test
 
 Short runs at small sizes so that the whole table fits in minutes on a laptop: it shows the
-platform end to end (Ray Tune trials, Ray Train workers, Optuna, MLflow, the compare table),
+platform end to end (Ray Tune trials, Optuna, MLflow, the compare table),
 not converged numbers. ``studies/baselines.py`` runs the same rows at the ``tiny-cpu``
 preset's full length.
 """
