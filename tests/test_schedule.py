@@ -29,7 +29,7 @@ def _key(config):
 
 
 def test_a_row_starts_as_soon_as_its_init_from_finished_not_after_the_whole_stage():
-    rs = RowScheduler(_jobs([("src", None), ("ada", "src")]), [], resolve=None, best_of=None,
+    rs = RowScheduler(_jobs([("src", None), ("ada", "src")]), [], resolve=None,
                       metric="sel/mIoU", mode="max")
     _run(rs)
     a, b = rs.suggest("t1"), rs.suggest("t2")  # two slots
@@ -50,7 +50,7 @@ def test_a_row_starts_as_soon_as_its_init_from_finished_not_after_the_whole_stag
 
 
 def test_a_failed_init_from_fails_its_dependents_and_the_rest_goes_on():
-    rs = RowScheduler(_jobs([("src", None), ("ada", "src")], seeds=(0, 1)), [], resolve=None, best_of=None,
+    rs = RowScheduler(_jobs([("src", None), ("ada", "src")], seeds=(0, 1)), [], resolve=None,
                       metric="sel/mIoU", mode="max")
     _run(rs)
     t = {_key(rs.suggest(i)): i for i in ("t1", "t2")}
@@ -81,10 +81,9 @@ def test_finished_rows_are_skipped_and_a_search_queues_the_best_re_runs():
 
     fake = FakeOptuna()
     search = {"row": "s", "seed": 0, "after": ("src", 0), "seeds": [0, 1], "todo": 2, "make": lambda: fake,
-              "init_from_of": lambda seed: ("src", seed)}
+              "best": lambda: ({"adaptseg.lambda_adv_main": 0.002}, "t7"), "init_from_of": lambda seed: ("src", seed)}
     rs = RowScheduler(_jobs([("src", None)], seeds=(0, 1)) + _jobs([("dep", "s")], seeds=(0, 1)), [search],
-                      resolve=None, best_of=lambda s: ({"adaptseg.lambda_adv_main": 0.002}, "t7"),
-                      metric="sel/mIoU", mode="max")
+                      resolve=None, metric="sel/mIoU", mode="max")
     rs.resolve = lambda job: ("skip", "") if job["row"] == "src" and job["seed"] == 1 else ("run", "ck")
     assert _key(rs.suggest("t1")) == ("src", 0)  # src s1 finished earlier: skipped
     assert rs.suggest("t2") is None  # the search and dep wait for src s0 / the search
@@ -106,7 +105,7 @@ def test_finished_rows_are_skipped_and_a_search_queues_the_best_re_runs():
 def test_trials_that_can_never_start_fail_instead_of_waiting_forever():
     jobs = [{"row": "a", "seed": 0, "after": ("b", 0), "set": {}, "tags": {}},
             {"row": "b", "seed": 0, "after": ("a", 0), "set": {}, "tags": {}}]
-    rs = RowScheduler(jobs, [], resolve=None, best_of=None, metric="sel/mIoU", mode="max")
+    rs = RowScheduler(jobs, [], resolve=None, metric="sel/mIoU", mode="max")
     _run(rs)
     assert rs.suggest("t1") == Searcher.FINISHED
     assert sorted(rs.failures) == ["a s0: its init_from row b never ran", "b s0: its init_from row a never ran"]

@@ -7,10 +7,10 @@ the same way once their ``init_from`` has finished, through the row's own Optuna
 when the last of them ends, the best configuration's re-runs over the seeds join the queue,
 and the rows that start from the search row follow them.
 
-The study decides the rest through two callbacks: ``resolve(job)`` says whether a row x
-seed runs (and from which checkpoint), is skipped (finished earlier with the same config),
-or fails (its ``init_from`` has no finished run); ``best_of(search)`` reads the search's
-best configuration once its trials are done.
+The study decides the rest through callbacks: ``resolve(job)`` says whether a row x seed
+runs (and from which checkpoint), is skipped (finished earlier with the same config), or
+fails (its ``init_from`` has no finished run); a search's ``best()`` reads its best
+configuration once its trials are done.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ class RowScheduler(Searcher):
 
     ``jobs``: ``{"row", "seed", "after": (row, seed) or None, "set": {...}, "tags": {...}}``.
     ``searches``: ``{"row", "seed", "after", "seeds", "todo": trials still to run,
-    "make": init_from -> Optuna searcher, "init_from_of": seed -> (row, seed) or None}``.
+    "make": () -> Optuna searcher, "best": () -> (best values, trial) or None,
+    "init_from_of": seed -> (row, seed) or None}``.
     """
 
     def __init__(self, jobs: list[dict], searches: list[dict], *, resolve: Callable[[dict], tuple[str, str]],
-                 best_of: Callable[[dict], tuple[dict, str] | None], metric: str, mode: str):
+                 metric: str, mode: str):
         super().__init__(metric=metric, mode=mode)
         self.pending = list(jobs)
         self.searches = {s["row"]: {**s, "searcher": None, "running": set(), "init_from": None} for s in searches}
         self.resolve = resolve
-        self.best_of = best_of
         self.running: dict[str, tuple] = {}  # trial id -> ("row", key) | ("search", row name)
         self.status: dict[Key, str] = {(j["row"], j["seed"]): "pending" for j in jobs}
         for s in searches:  # a search row's seeds finish with its re-runs
@@ -81,14 +81,12 @@ class RowScheduler(Searcher):
             if ready == "wait":
                 continue
             if ready == "failed":
-                s["todo"] = 0
                 self._search_done(s, failed=f"its init_from row {s['after'][0]} has no finished run")
                 continue
             if s["searcher"] is None:
                 verdict, init_from = self.resolve({"row": s["row"], "seed": s["seed"], "after": s["after"],
                                                    "set": {}, "tags": {}, "search": True})
                 if verdict == "fail":
-                    s["todo"] = 0
                     self._search_done(s, failed=init_from)
                     continue
                 s["init_from"], s["searcher"] = init_from, s["make"]()
@@ -96,7 +94,6 @@ class RowScheduler(Searcher):
             if config is None:
                 continue
             if config == Searcher.FINISHED:
-                s["todo"] = 0
                 self._search_done(s)
                 continue
             s["todo"] -= 1
@@ -111,7 +108,6 @@ class RowScheduler(Searcher):
             self.pending = []
             for s in self.searches.values():
                 if s["todo"] > 0:
-                    s["todo"] = 0
                     self._search_done(s, failed=f"its init_from row {s['after'][0]} never ran")
             return Searcher.FINISHED
         return None  # something is running that what waits depends on
@@ -137,11 +133,13 @@ class RowScheduler(Searcher):
                 self._search_done(s)
 
     def _search_done(self, s: dict, failed: str | None = None) -> None:
-        """The search's trials have ended: queue the best configuration's re-runs."""
+        """The search hands out no more trials; once its running ones have ended, queue the
+        best configuration's re-runs (or fail its seeds, with ``failed`` or no best)."""
+        s["todo"] = 0
         if s["running"] or s.get("ended"):
             return
         s["ended"] = True
-        best = None if failed else self.best_of(s)
+        best = None if failed else s["best"]()
         if best is None:
             for seed in s["seeds"]:
                 self._fail((s["row"], seed), failed or "every search trial failed")

@@ -338,10 +338,19 @@ def format_table(rows: list[dict]) -> str:
         if "error" in r:
             cells[-1] = r["error"]
         lines.append(cells)
-    head = [h for _, h, _ in cols]
+    return text_table([h for _, h, _ in cols], lines)
+
+
+def text_table(head: list[str], lines: list[list[str]], *, numbers_right: bool = False) -> str:
+    """Columns of text cells under a header and a rule; with ``numbers_right`` every column
+    but the first is right-aligned."""
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
-    fmt_line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([fmt_line(head), fmt_line(["-" * w for w in widths])] + [fmt_line(c) for c in lines])
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if numbers_right and i else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in lines])
 
 
 class ScoreVolume(torch.utils.data.Dataset):
@@ -475,17 +484,10 @@ def bench_proxy_model(*, preset: str = "study-cpu", images: int = 50, overrides:
                     method.predict(subset[i]["image"][None].to(dev))
             sync()
 
-        class Labelled(torch.utils.data.Dataset):  # the same images as a labelled split
-            num_classes = cfg.data.num_classes
-
-            def __len__(self):
-                return n
-
-            def __getitem__(self, i):
-                return subset[i]
+        subset.num_classes = cfg.data.num_classes  # the same images, evaluated as a labelled split
 
         def eval_pass():
-            evaluate(method, Labelled(), method.ctx)
+            evaluate(method, subset, method.ctx)
             sync()
 
         stats = {}

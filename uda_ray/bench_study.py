@@ -6,8 +6,9 @@ on the ``study-cpu`` preset and the embedded benchmark) through the same code as
 
 * **Tune's view**: from the trial's start to its end, as Tune's controller sees them (a Tune
   callback in the study process).
-* **before the driver**: Tune's trial start to the trial function's first line (the trial
-  process's start);
+* **before the driver**: Tune's trial start to the trial function's first line (Tune calls a
+  trial started once its process runs, so the process's own start is outside the wall;
+  the in-fit share below counts it);
 * **before fit**: the driver's first line to the engine's ``fit`` (the MLflow child run, Ray
   Train's controller and worker group when a trial uses them, the workers' imports);
 * **fit**, by phase (:class:`uda_ray.engine.Phases`): setup (data, model, restore), prepare
@@ -116,15 +117,12 @@ def format_report(result: dict) -> str:
             "overhead"]
     head = {"tune_wall": "wall", "before_driver": "pre-drv", "before_fit": "pre-fit", "after_fit": "post-fit",
             "after_driver": "post-drv", "checkpoint": "ckpt", "overhead": "ovh%"}
-    lines = [[head.get(c, c) for c in cols]]
-    for r in result["rows"]:
-        lines.append([r[c] if c == "trial" else f"{100 * r[c]:.0f}" if c == "overhead" else f"{r[c]:.1f}"
-                      for c in cols])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
-    text = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-            for line in lines]
+    from .bench import text_table
+
+    lines = [[r[c] if c == "trial" else f"{100 * r[c]:.0f}" if c == "overhead" else f"{r[c]:.1f}" for c in cols]
+             for r in result["rows"]]
+    text = text_table([head.get(c, c) for c in cols], lines, numbers_right=True).split("\n")
     t = result["totals"]
-    text.insert(1, "-" * len(text[0]))
     text += ["", f"study wall {t['study_wall']:.1f} s for {t['trials']} trials ({t['mode']}, "
                  f"{t['iterations']} iterations per training row, {t['seeds']} seeds, {t['concurrency']} at a time)",
              f"overhead of training trials: {100 * t['overhead_training_trials']:.1f}% of their wall time "

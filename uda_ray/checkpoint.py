@@ -178,7 +178,8 @@ def _config_diff(old: dict, new: dict, limit: int = 4) -> str:
 
 @dataclass
 class RunLock:
-    """An exclusive lock on a run directory, held while a process trains in it."""
+    """An exclusive lock held by this process (:func:`owner_lock`): a run directory while a
+    process trains in it, a study while one process runs it."""
 
     path: Path
     fd: int
@@ -198,24 +199,41 @@ class RunLock:
         self.release()
 
 
-def lock_run_dir(run_dir: Path) -> RunLock:
-    """Lock ``run_dir`` for this process, or fail at once naming the process that holds it.
-    The lock is the kernel's (``flock``): it goes away with its process, ``kill -9`` too."""
+class LockHeld(Exception):
+    """Another process holds the lock; ``holder`` is what it wrote ("pid N on HOST")."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def owner_lock(path: Path) -> RunLock:
+    """An exclusive lock on ``path`` for this process, which writes "pid N on HOST" in it, or
+    :class:`LockHeld` at once naming the process that holds it. The lock is the kernel's
+    (``flock``): it goes away with its process, ``kill -9`` too."""
     import fcntl
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise CheckpointError(f"{run_dir}: the run is in use by {owner}; wait for it to end, or give this "
-                              f"run another run.name") from None
+        raise LockHeld(holder) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     return RunLock(path, fd)
+
+
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Lock ``run_dir`` for this process (:func:`owner_lock`), or fail at once naming the
+    process that holds it."""
+    try:
+        return owner_lock(run_dir / LOCK_FILE)
+    except LockHeld as e:
+        raise CheckpointError(f"{run_dir}: the run is in use by {e.holder}; wait for it to end, or give this "
+                              f"run another run.name") from None
 
 
 def claim_run_dir(run_dir: str | Path, cfg, *, overwrite: bool = False, resume_state: dict | None = None,

@@ -8,9 +8,9 @@
   GPU), with ``FailureConfig`` and a checkpoint retention policy.
 * :func:`fit_in_trial` fits a single-process CPU trial inside its Tune trial (no worker group
   to start), with Tune's checkpoints and restarts.
-* :func:`tune_rows` runs Tune trials whose trainable is a small *driver* that builds a
-  ``TorchTrainer`` per trial (``Tuner(trainer)`` no longer exists in V2), with Optuna
-  search, ASHA and a concurrency limit.
+* :func:`tune_rows` runs a study's Tune trials, whose trainable is a small *driver* that fits
+  in its own process or builds a ``TorchTrainer`` per trial (``Tuner(trainer)`` no longer
+  exists in V2), with a concurrency limit; :func:`optuna_searcher` is a search row's searcher.
 """
 
 from __future__ import annotations
@@ -47,6 +47,38 @@ def _loaded(checkpoint) -> dict | None:
         return load_checkpoint_file(d)
 
 
+def _trial_config(flat: dict, device: str):
+    """The config a training process fits: ``flat`` on ``device``, its init_from fetched."""
+    from .config import build_config
+
+    return build_config({**flat, "run.device": device,
+                         "run.init_from": _resolve_init_from(flat.get("run.init_from", ""))})
+
+
+def _tracker(mlflow: dict | None):
+    """The MLflow tracker of the run the study's driver created (None without one)."""
+    if not mlflow:
+        return None
+    from .tracking import MlflowTracker
+
+    return MlflowTracker(experiment=mlflow["experiment"], tracking_uri=mlflow.get("tracking_uri"),
+                         run_id=mlflow["run_id"])
+
+
+def _die_once_at(run_dir: str | Path) -> Callable[[dict], None]:
+    """The test hook of :data:`KILL_ENV`: ``die(metrics)`` kills this process hard, once per
+    run directory, right after the checkpoint of that step was reported (as a lost node)."""
+    kill_at = int(os.environ.get(KILL_ENV, "0"))
+    marker = Path(run_dir) / ".killed-once"
+
+    def die(metrics: dict) -> None:
+        if kill_at and metrics.get("step") == kill_at and not marker.exists():
+            marker.touch()
+            os._exit(1)
+
+    return die
+
+
 def train_worker(config: dict) -> None:
     """Per-worker function of the ``TorchTrainer``. ``config``: ``flat`` (the flat config),
     ``run_dir``, and optionally ``mlflow`` (tracking URI, experiment, run id to log into)."""
@@ -54,36 +86,22 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from .config import build_config
     from .engine import fit
-    from .tracking import MlflowTracker
 
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    flat = dict(config["flat"])
+    rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    flat["run.device"] = str(device) if device.type == "cuda" else "cpu"
-    flat["run.init_from"] = _resolve_init_from(flat.get("run.init_from", ""))
-    cfg = build_config(flat)
+    cfg = _trial_config(config["flat"], str(device) if device.type == "cuda" else "cpu")
     if device.type == "cpu" and config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-
     resume = _loaded(ray.train.get_checkpoint())
-
-    tracker = None
-    m = config.get("mlflow")
-    if rank == 0 and m:
-        tracker = MlflowTracker(experiment=m["experiment"], tracking_uri=m.get("tracking_uri"), run_id=m["run_id"])
-
-    kill_at = int(os.environ.get(KILL_ENV, "0"))
-    marker = Path(config["run_dir"]) / ".killed-once"
+    tracker = _tracker(config.get("mlflow")) if rank == 0 else None
+    die = _die_once_at(config["run_dir"])
 
     def on_checkpoint(path: Path, metrics: dict) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(path.parent)) if rank == 0 else None
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ckpt)
-        if kill_at and metrics.get("step") == kill_at and rank == 0 and not marker.exists():
-            marker.touch()
-            os._exit(1)  # a hard worker death, as a lost node would be
+        if rank == 0:
+            die(metrics)  # a hard worker death
 
     fit(cfg, run_dir=config["run_dir"], tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume)
 
@@ -101,26 +119,14 @@ def fit_in_trial(flat: dict, *, run_dir: str, storage_path: str, threads: int = 
     import ray.tune
     import torch
 
-    from .config import build_config
     from .engine import fit
 
     os.environ.update(env or {})
-    flat = dict(flat)
-    flat["run.device"] = "cpu"
-    flat["run.init_from"] = _resolve_init_from(flat.get("run.init_from", ""))
-    cfg = build_config(flat)
+    cfg = _trial_config(flat, "cpu")
     torch.set_num_threads(max(1, threads))
-
     resume = _loaded(ray.tune.get_checkpoint())  # a restarted trial
-
-    tracker = None
-    if mlflow:
-        from .tracking import MlflowTracker
-
-        tracker = MlflowTracker(experiment=mlflow["experiment"], tracking_uri=mlflow.get("tracking_uri"),
-                                run_id=mlflow["run_id"])
-    kill_at = int(os.environ.get(KILL_ENV, "0"))
-    marker = Path(run_dir) / ".killed-once"
+    tracker = _tracker(mlflow)
+    die = _die_once_at(run_dir)
     last: list[str] = []
 
     def on_checkpoint(path: Path, metrics: dict) -> None:
@@ -129,9 +135,7 @@ def fit_in_trial(flat: dict, *, run_dir: str, storage_path: str, threads: int = 
         # where Tune persisted it: the trial's current checkpoint folder once reported
         storage = ray.tune.get_context().get_storage()
         last[:] = [_join(storage_path, str(Path(storage.checkpoint_fs_path).relative_to(storage.storage_fs_path)))]
-        if kill_at and metrics.get("step") == kill_at and not marker.exists():
-            marker.touch()
-            os._exit(1)  # a hard death of the trial's process, as a lost node would be
+        die(metrics)  # a hard death of the trial's process
 
     fit(cfg, run_dir=run_dir, tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume)
     return last[0] if last else None
@@ -205,21 +209,15 @@ def cluster_resources() -> dict:
     return ray.cluster_resources()
 
 
-def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = None,
-              space: Callable | None = None, num_samples: int = 1, metric: str | list[str] = "sel/mIoU",
-              mode: str | list[str] = "max", seed: int = 0, storage_path: str, name: str,
-              max_concurrent: int = 2, driver_cpus: float = 0.1, asha: dict | None = None,
-              optuna_storage: str | None = None, optuna_study: str | None = None, resume: bool = True,
-              verbose: int = 1, trial_resources: dict | None = None, max_failures: int = 0,
-              callbacks: list | None = None, search_alg=None, scheduler=None):
-    """Run Tune trials whose trainable is a Train driver.
+DRIVER_CPUS = 0.1  # a Train-driving trial's own share of a CPU (its workers ask for theirs)
 
-    Either ``trials`` (a fixed list of trial configs, run as a grid), ``space`` (an Optuna
-    define-by-run function ``space(trial) -> dict | None`` of constants, searched with
-    ``num_samples`` trials by a seeded TPE sampler, persisted in ``optuna_storage``), or
-    ``search_alg`` (a searcher that hands out trials until it says FINISHED, e.g. a study's
-    :class:`~uda_ray._tune_schedule.RowScheduler`, with an optional ``scheduler``).
-    Returns the ``ResultGrid``. An interrupted run of the same ``name`` is restored.
+
+def tune_rows(trainable: Callable[[dict], Any], *, search_alg, storage_path: str, name: str,
+              scheduler=None, max_concurrent: int = 2, verbose: int = 1, trial_resources: dict | None = None,
+              max_failures: int = 0, callbacks: list | None = None):
+    """Run the Tune trials that ``search_alg`` hands out until it says FINISHED (a study's
+    :class:`~uda_ray._tune_schedule.RowScheduler`), with an optional trial ``scheduler``.
+    Returns the ``ResultGrid``.
 
     ``trial_resources``: what each trial holds when it trains in its own process
     (:func:`fit_in_trial`; then Tune restarts a failed trial up to ``max_failures`` times);
@@ -238,31 +236,11 @@ def tune_rows(trainable: Callable[[dict], Any], *, trials: list[dict] | None = N
     if trial_resources is not None:
         res = trial_resources
     else:
-        res = {"trial_driver": 1} if ray.cluster_resources().get("trial_driver") else {"CPU": driver_cpus}
-    driver = tune.with_resources(trainable, res)
-    path = _join(storage_path, name)
-    if resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=driver, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
-        return tuner.fit()
-    tune_kw: dict = {"max_concurrent_trials": max_concurrent}
-    param_space: dict = {}
-    if search_alg is not None:  # a searcher that hands out the trials until it says FINISHED
-        tune_kw.update(search_alg=search_alg, num_samples=-1)
-        if scheduler is not None:
-            tune_kw["scheduler"] = scheduler
-    elif space is not None:
-        multi = isinstance(metric, (list, tuple))
-        search = optuna_searcher(space, metric=metric, mode=mode, seed=seed, num_samples=num_samples,
-                                 storage=optuna_storage, study_name=optuna_study)
-        tune_kw.update(search_alg=search, num_samples=num_samples)
-        if asha and not multi:
-            from ray.tune.schedulers import ASHAScheduler
-
-            tune_kw["scheduler"] = ASHAScheduler(metric=metric, mode=mode, time_attr="step", **asha)
-    else:
-        param_space = {"trial": tune.grid_search(trials or [])}
-    tuner = tune.Tuner(driver, param_space=param_space, tune_config=tune.TuneConfig(**tune_kw),
+        res = {"trial_driver": 1} if ray.cluster_resources().get("trial_driver") else {"CPU": DRIVER_CPUS}
+    tune_kw: dict = {"max_concurrent_trials": max_concurrent, "search_alg": search_alg, "num_samples": -1}
+    if scheduler is not None:
+        tune_kw["scheduler"] = scheduler
+    tuner = tune.Tuner(tune.with_resources(trainable, res), tune_config=tune.TuneConfig(**tune_kw),
                        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
                                                  callbacks=callbacks or [],
                                                  failure_config=tune.FailureConfig(max_failures=max_failures)))

@@ -476,8 +476,7 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
             return RunResult(run_dir, halt, None, {}, time.perf_counter() - t_start, phases.seconds)
     if scores is None:  # nothing trained here (a method that does not train, or a finished run)
         t = time.perf_counter()
-        metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=cfg.run.mosaic_images,
-                                                 progress=progress and rank == 0)
+        metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=cfg.run.mosaic_images, progress=progress)
         tracker.log_metrics(metrics, step=max(iters, start))
         t = phases.add("eval", t)
         _final_reports(cfg, method, scores, triplets, run_dir, tracker, step=max(iters, start))

@@ -36,8 +36,8 @@ the pixels with A >= t1, so t1 must be exact first: its two passes, then t2's tw
 the labelling pass (:func:`stats_passes`). The network runs once per image: a score
 function in two parts (:class:`TwoStageScore`: the network's low-resolution outputs, then
 the upsampling and log-softmax) has its outputs kept on local disk in their own dtype
-(:class:`ScoreCache`: bf16 under autocast, float32 otherwise; about 0.9 GB for Cityscapes
-train at 1024x512 in bf16) and every pass reads them, so the thresholds and labels are
+(:class:`ScoreCache`: bf16 under autocast, float32 otherwise; for Cityscapes train at
+1024x512 in bf16, about 3.5 GiB for MAT's output stride 4 and 0.9 GiB for DeepLab's 8) and every pass reads them, so the thresholds and labels are
 those of running the network in every pass, bit for bit (tested).
 
 Policies (``ProxyPolicy.kind``):
@@ -114,7 +114,9 @@ class ScoreCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "wb")
-        self.index: dict[int, tuple[tuple[int, int], list[tuple[int, tuple, torch.dtype]]]] = {}
+        self._mm: np.memmap | None = None
+        # image index -> (input size, [(offset, bytes, shape, dtype) per tensor])
+        self.index: dict[int, tuple[tuple[int, int], list[tuple[int, int, tuple, torch.dtype]]]] = {}
         self._offset = 0
 
     def put(self, i: int, size: tuple[int, int], raw: tuple[Tensor, ...]) -> None:
@@ -123,7 +125,7 @@ class ScoreCache:
             t = t.detach().contiguous()
             data = t.cpu().view(-1).view(torch.uint8).numpy().tobytes()
             self._f.write(data)
-            entries.append((self._offset, tuple(t.shape), t.dtype))
+            entries.append((self._offset, len(data), tuple(t.shape), t.dtype))
             self._offset += len(data)
         self.index[i] = (tuple(size), entries)
 
@@ -134,9 +136,8 @@ class ScoreCache:
     def get(self, i: int, device) -> tuple[tuple[int, int], tuple[Tensor, ...]]:
         size, entries = self.index[i]
         out = []
-        for offset, shape, dtype in entries:
-            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            buf = torch.from_numpy(np.array(self._mm[offset:offset + n]))
+        for offset, n, shape, dtype in entries:
+            buf = torch.from_numpy(np.array(self._mm[offset:offset + n]))  # a copy: the map is read-only
             out.append(buf.view(dtype).view(shape).to(device))
         return size, tuple(out)
 
@@ -494,8 +495,10 @@ def _generate(dataset, score_fn, policy, out_dir, batches, kept: "ScoreCache | N
               to_device, rank, world_size, on_image, t0) -> ProxyStats:
     from .data.labels import train_palette
 
-    labelling_score = score_fn
     if kept is None:
+        def labelling_scores(batch):  # the network on the batch's images
+            return score_fn(to_device(batch)["image"])
+
         th = compute_thresholds(lambda: (to_device(b)["image"] for b in batches()), score_fn, policy,
                                 num_classes, device)
     else:
@@ -519,7 +522,10 @@ def _generate(dataset, score_fn, policy, out_dir, batches, kept: "ScoreCache | N
 
         th = compute_thresholds(lambda: (torch.tensor([i]) for i in mine), cached, policy, num_classes, device,
                                 confidence_fn=cached_confidence if score_fn.finish_confidence else None)
-        labelling_score = lambda images, batch: cached(batch["index"])  # noqa: E731
+
+        def labelling_scores(batch):  # what the one network pass kept
+            return cached(batch["index"])
+
     stats = ProxyStats(kept_per_class=[0] * num_classes, thresholds=th, cache_bytes=kept.nbytes if kept else 0)
     counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
     judged = torch.zeros(2, dtype=torch.int64, device=device)
@@ -527,8 +533,7 @@ def _generate(dataset, score_fn, policy, out_dir, batches, kept: "ScoreCache | N
     pal = train_palette(num_classes)
     with torch.no_grad():
         for batch in batches(shard=False, desc="proxy labels"):
-            b = to_device(batch)
-            log_probs, conf = (score_fn(b["image"]) if kept is None else labelling_score(b["image"], batch))
+            log_probs, conf = labelling_scores(batch)
             lab = label_map(log_probs, conf, policy, th)
             if policy.kind == "adversarial":
                 refocused += (conf >= th.t1).sum()

@@ -25,10 +25,7 @@ process runs a study of a given name at a time (a lock in ``<out>/<name>/``).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import tracking
-from .checkpoint import config_hash
+from .checkpoint import LockHeld, config_hash, owner_lock
 from .config import build_config
 
 
@@ -292,8 +289,6 @@ def drive_trial(config: dict, ctx: dict) -> None:
     one MLflow child run. The driver creates the run, so a restarted worker group or trial
     logs into the same run; a failure marks it FAILED. For ``uda-ray bench study`` it logs
     ``perf/driver_start_unix`` and ``perf/driver_end_unix`` (the fit logs its phases)."""
-    import time
-
     from . import distributed
 
     t_start = time.time()
@@ -340,7 +335,7 @@ def drive_trial(config: dict, ctx: dict) -> None:
     try:
         if ctx.get("in_process"):
             checkpoint = distributed.fit_in_trial(flat, run_dir=run_dir, storage_path=ctx["storage_path"],
-                                                  threads=max(1, round(ctx["cpus"] + 0.1)), mlflow=mlflow,
+                                                  threads=max(1, round(ctx["trial_cpus"])), mlflow=mlflow,
                                                   env=ctx.get("env"))
         else:
             result = distributed.run_trainer(
@@ -379,15 +374,13 @@ def run_study(study: Study, *, smoke_test: bool = False, address: str | None = N
     Tune callbacks of every Tune run (e.g. timing, :mod:`uda_ray.bench_study`)."""
     name = study.name + ("-smoke" if smoke_test else "")
     lock = Path(out).resolve() / name / STUDY_LOCK
-    with tracking.file_lock(lock, blocking=False) as held:
-        if held is None:
-            holder = lock.read_text().strip() or "another process"
-            print(f"uda-ray: error: study {name} is already running ({holder} holds {lock}); "
-                  f"wait for it to end, or stop it, and run it again", file=sys.stderr)
-            return 2
-        held.truncate(0)
-        held.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        held.flush()
+    try:
+        held = owner_lock(lock)
+    except LockHeld as e:
+        print(f"uda-ray: error: study {name} is already running ({e.holder} holds {lock}); "
+              f"wait for it to end, or stop it, and run it again", file=sys.stderr)
+        return 2
+    with held:
         return _run_locked(study, name, smoke_test=smoke_test, address=address, storage_path=storage_path,
                            tracking_uri=tracking_uri, max_concurrent=max_concurrent, out=out, env=env,
                            tune_callbacks=tune_callbacks)
@@ -418,13 +411,14 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     ctx = {"study": name, "parent_id": record.parent_id, "experiment_id": record.experiment_id,
            "tracking_uri": record.tracking_uri, "storage_path": storage_path, "out": out,
            "workers": study.workers_per_trial, "cpus": study.cpus_per_worker, "gpus": study.gpus_per_worker,
-           "max_failures": study.max_failures, "in_process": study.in_process, "env": env or {}}
-    # How trials hold resources: a trial that fits in its own process holds its worker's
-    # CPUs and is restarted by Tune; otherwise it holds a driver's share and its TorchTrainer
-    # asks for (and restarts) the workers.
-    ctx["tune"] = ({"trial_resources": {"CPU": study.cpus_per_worker + 0.1}, "max_failures": study.max_failures}
-                   if study.in_process else {})
-    ctx["tune"]["callbacks"] = list(tune_callbacks or [])
+           "max_failures": study.max_failures, "in_process": study.in_process, "env": env or {},
+           # a trial that fits in its own process holds its worker's CPUs and its driver's share
+           "trial_cpus": study.cpus_per_worker + distributed.DRIVER_CPUS}
+    # How trials hold resources: a trial that fits in its own process holds them and is
+    # restarted by Tune; otherwise it holds a driver's share and its TorchTrainer asks for
+    # (and restarts) the workers.
+    tune_kw = ({"trial_resources": {"CPU": ctx["trial_cpus"]}, "max_failures": study.max_failures}
+               if study.in_process else {})
     conc = max_concurrent or study.max_concurrent
     failed: list[str] = []
     ctx["flats"] = flats = {row.name: {str(seed): study.flat(row, seed, smoke_test) for seed in seeds}
@@ -458,13 +452,12 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
                 for row in study.rows if row.space is not None]
     from ._tune_schedule import RowScheduler, search_only_asha
 
-    scheduler = RowScheduler(jobs, searches, resolve=resolve, best_of=lambda s: s["best"](), metric=study.objective,
-                             mode=study.mode)
+    scheduler = RowScheduler(jobs, searches, resolve=resolve, metric=study.objective, mode=study.mode)
     grid = distributed.tune_rows(
         drive_trial_with(ctx), search_alg=scheduler, storage_path=storage_path,
         scheduler=search_only_asha(study.asha, study.objective, study.mode) if study.asha else None,
-        name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", resume=False, max_concurrent=conc,
-        metric=study.objective, mode=study.mode, **ctx["tune"])
+        name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", max_concurrent=conc,
+        callbacks=tune_callbacks, **tune_kw)
     for r in grid:
         error = r.error if r.error is not None else (r.metrics or {}).get(distributed.ERROR_KEY)
         if error is not None:
@@ -509,10 +502,6 @@ def drive_trial_with(ctx: dict):
     from ray import tune
 
     return tune.with_parameters(drive_trial, ctx=ctx)
-
-
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _search_plan(study: Study, row: Row, seeds, smoke: bool, record: StudyRecord, ctx: dict, source,
