@@ -383,3 +383,18 @@ def test_import_is_light():
             "bad = [m for m in ('mlflow', 'pandas', 'matplotlib', 'optuna') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_another_row_as_baseline_gives_its_paired_deltas_in_own_files(store):
+    # against adaptseg (val 33/35/37): source_only (30/32/34) loses 3 on every seed
+    res = compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "vs", baseline="adaptseg")
+    so = _row(res, "source_only")
+    assert so["delta"] == pytest.approx(-3.0) and so["delta_paired"] == pytest.approx(-3.0)
+    assert (so["wins"], so["n_paired"]) == (0, 3)
+    assert res.text.splitlines()[0].endswith("Δ vs adaptseg")
+    assert (store["root"] / "vs" / f"{STUDY}_vs_adaptseg_compare.csv").is_file()
+    assert not (store["root"] / "vs" / f"{STUDY}_compare.csv").exists()
+    from uda_ray.errors import UserError
+
+    with pytest.raises(UserError, match="--baseline adaptsg: not a row.*did you mean 'adaptseg'"):
+        compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "vs", baseline="adaptsg")

@@ -95,6 +95,7 @@ ROWS = {  # Table 3 rows and the self-training variants of the studies
     "da_no_test_attention": {"dast.test_attention": False},
     "dast": {"dast.self_training": True, "dast.rounds": 2},
     "dast_class": {"dast.self_training": True, "dast.rounds": 2, "dast.pseudo": "class_balanced", "dast.q": 0.4},
+    "dast_mat_proxies": {"dast.self_training": True, "dast.rounds": 2, "dast.pseudo": "adversarial"},
 }
 
 
@@ -167,7 +168,8 @@ def test_later_stages_continue_the_discriminators_of_init_from(data_root, tmp_pa
         _method(data_root, tmp_path, **{"run.iterations": 0, "run.init_from": str(src.run_dir)})
 
 
-DAST_SWITCHES = ("dast.mse", "dast.two_disc", "dast.attention", "dast.self_training", "dast.test_attention")
+DAST_SWITCHES = ("dast.mse", "dast.two_disc", "dast.attention", "dast.self_training", "dast.test_attention",
+                 "dast.pseudo")
 
 
 def test_every_study_switch_combination_is_smoke_tested():
@@ -207,3 +209,21 @@ def test_class_balanced_pseudo_labels_cap_thresholds_as_the_release(data_root, t
     assert [p.max_threshold for p in policies] == [0.9, 1.0, None]
     assert [p.threshold_cap() for p in policies] == [pytest.approx(math.log(9)), math.inf, math.inf]
     assert isinstance(policies[0], ProxyPolicy) and policies[0].kind == "class_balanced"
+
+
+def test_mat_adversarial_confidence_proxies_read_the_corrector_and_the_discoverer(data_root, tmp_path):
+    """dast.pseudo=adversarial (a cross-method row): A is the mean source probability of the
+    round's corrector C and discoverer D; with C at logit 0 (P(target) 0.5) and D at logit
+    ln 3 (0.75), A = 1 - (0.5 + 0.75) / 2 = 0.375 everywhere; the policy is MAT's Eq. 5."""
+    m = _method(data_root, tmp_path, **{"dast.self_training": True, "dast.pseudo": "adversarial",
+                                        "dast.p1": 0.7, "dast.p2": 0.9, "dast.attention": False})
+    assert set(m.generator) == {"model", "discoverer", "corrector"}
+    _constant(m.generator["corrector"], 0.0)
+    _constant(m.generator["discoverer"], math.log(3))
+    log_probs, conf = m._score(m.generator)(torch.randn(1, 3, 32, 64))
+    assert log_probs.shape == (1, 19, 32, 64) and conf.shape == (1, 32, 64)
+    torch.testing.assert_close(torch.sigmoid(conf), torch.full_like(conf, 0.375))
+    policy = m.policy()
+    assert (policy.kind, policy.portion, policy.portion2) == ("adversarial", 0.7, 0.9)
+    plain = _method(data_root, tmp_path, **{"dast.self_training": True})
+    assert "corrector" not in plain.generator and plain._score(plain.generator)(torch.randn(1, 3, 32, 64))[1] is None

@@ -229,3 +229,42 @@ def test_mosaic_has_column_titles_and_a_class_legend(tmp_path):
     assert (title < 100).all(axis=2).any() and (title == 255).all(axis=2).mean() > 0.8  # dark text on white
     legend = {tuple(c) for c in arr[20 + 32 * k:].reshape(-1, 3)}
     assert {tuple(c) for c in train_palette(19)} <= legend  # every class colour, and black (ignored)
+
+
+@pytest.mark.parametrize("method,values", [("adaptseg", {"adaptseg.ndf": 8}),
+                                           ("dast", {"dast.ndf": 8, "dast.d_width": 16, "dast.self_training": True,
+                                                     "dast.rounds": 1}),
+                                           ("mat", {"model.arch": "mat_tiny", "mat.ndf": 8})])
+def test_gradient_probes_log_each_term_against_seg_and_leave_training_bit_identical(data_root, tmp_path, method,
+                                                                                    values):
+    """run.grad_probe_every: grad/<term> norms and grad/<term>_over_seg ratios on probe steps;
+    the weights after training are those of the same run without probes, and so is the
+    config's identity."""
+    from uda_ray import engine
+    from uda_ray.checkpoint import checkpoint_path, config_hash, load_checkpoint_file
+
+    class MemoryTracker(engine.NullTracker):
+        def __init__(self):
+            self.metrics = {}
+
+        def log_metrics(self, metrics, step):
+            self.metrics.update({(k, step): v for k, v in metrics.items()})
+
+    states, trackers = {}, {}
+    for every in (0, 2):
+        cfg = tiny_cfg(data_root, tmp_path, method, **{**values, "run.iterations": 4, "run.name": f"p{every}",
+                                                       "run.grad_probe_every": every, "run.log_every": 2})
+        trackers[every] = MemoryTracker()
+        r = fit(cfg, tracker=trackers[every])
+        states[every] = load_checkpoint_file(checkpoint_path(r.run_dir))["modules"]["model"]
+    for k, v in states[0].items():
+        assert torch.equal(v, states[2][k]), k
+    assert config_hash({**cfg.flat(), "run.grad_probe_every": 0}) == config_hash(cfg.flat())
+    logged = trackers[2].metrics
+    steps = {s for (key, s) in logged if key == "grad/adv_over_seg"}
+    assert steps == {2, 4}, sorted(logged)
+    ratio = logged[("grad/adv_over_seg", 4)]
+    assert ratio == pytest.approx(logged[("grad/adv", 4)] / logged[("grad/seg", 4)], rel=1e-5) and ratio > 0
+    assert not any(key.startswith("grad/") for (key, _) in trackers[0].metrics)
+    if method == "dast":
+        assert ("grad/pseudo_over_seg", 4) in logged

@@ -130,6 +130,8 @@ def test_every_study_switch_combination_is_smoke_tested():
               for proxy, ms in ((False, False), (True, False), (True, True))}
     missing = study_switches("mat", ("mat.adv", "mat.mul_adv", "mat.proxy", "mat.ms")) - tested
     assert not missing, missing
+    # the cross-method row's pixel weights: test_pww_pixel_weights_on_the_multi_level_discriminators_by_hand
+    assert study_switches("mat", ("mat.pixel_weights", "mat.proxy")) <= {(False, False), (False, True), (True, False)}
 
 
 def test_retraining_starts_from_the_initial_or_the_adapted_weights(data_root, source):
@@ -144,3 +146,29 @@ def test_retraining_starts_from_the_initial_or_the_adapted_weights(data_root, so
     w = "backbone.conv1.weight"  # a parameter (BN buffers move with the target batches)
     torch.testing.assert_close(out["adapted"][w], a[w], rtol=0, atol=1e-8)
     assert not torch.allclose(out["init"][w], a[w], atol=1e-3)
+
+
+def test_pww_pixel_weights_on_the_multi_level_discriminators_by_hand(data_root, tmp_path):
+    """mat.pixel_weights (a cross-method row): with T = 0 every target pixel is "aligned",
+    d = d_aligned = 0.01, so each target term is (0.01 + mu) times the unweighted one; with D
+    constant (logit c) the unweighted BCE towards "source" is softplus(c) everywhere."""
+    from uda_ray.engine import Context, build_segmenter
+    from uda_ray.methods.mat import MAT
+
+    logs = {}
+    for on in (False, True):
+        cfg = tiny_cfg(data_root, tmp_path, "mat", **{"model.arch": "mat_tiny", "mat.ndf": 8, "mat.pixel_weights": on,
+                                                    "mat.pw_T": 0.0, "mat.pw_mu": 0.2})
+        ctx = Context(cfg, torch.device("cpu"), amp=False, channels_last=False)
+        method = MAT(cfg, build_segmenter(cfg, ctx.device), ctx)
+        for lv, c in (("d1", 0.5), ("d2", -1.0)):
+            last = method.discs[lv].net[-1]
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.constant_(last.bias, c)
+        src = {"image": torch.randn(2, 3, 32, 64), "label": torch.zeros(2, 32, 64, dtype=torch.long)}
+        logs[on] = method.train_step(src, {"image": torch.randn(2, 3, 32, 64)}, 0)
+    for lv, c in (("d1", 0.5), ("d2", -1.0)):
+        plain = math.log1p(math.exp(c))
+        assert logs[False][f"loss/adv_tgt_{lv}"].item() == pytest.approx(plain, rel=1e-5)
+        assert logs[True][f"loss/adv_tgt_{lv}"].item() == pytest.approx(0.21 * plain, rel=1e-5)
+    assert logs[True]["pww/weight_mean"].item() == pytest.approx(0.21)

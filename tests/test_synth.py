@@ -170,6 +170,13 @@ def test_generation_refuses_a_folder_it_did_not_write_and_touches_nothing(tmp_pa
     # an existing empty folder is fine
     (tmp_path / "empty").mkdir()
     synth.generate(tmp_path / "empty", **small)
+    # so is one holding only the pretraining domain's folder (uda-ray pretrain run first), which
+    # a regeneration keeps
+    (tmp_path / "pre" / "pretrain" / "weights").mkdir(parents=True)
+    (tmp_path / "pre" / "pretrain" / "weights" / "w.pt").write_text("weights")
+    synth.generate(tmp_path / "pre", **small)
+    synth.generate(tmp_path / "pre", seed=1, **small)
+    assert (tmp_path / "pre" / "pretrain" / "weights" / "w.pt").read_text() == "weights"
 
 
 def test_ensure_benchmark_says_where_it_generates(tmp_path, monkeypatch, capsys):

@@ -39,7 +39,8 @@ RUN_FILES = ("checkpoints", "proxies", DIVERGED_FILE, "config.yaml", "mosaic.png
              "mlflow_run.json")  # an overwritten run starts a new MLflow run: the old row stays the old model's
 # keys that name or place a run rather than define it (a study's row x seed keeps its
 # identity when its init_from checkpoint is copied elsewhere)
-NOT_IDENTITY = ("run.init_from", "run.out", "run.name")
+# Where a run lives and starts from, and diagnostics that do not change what it trains.
+NOT_IDENTITY = ("run.init_from", "run.out", "run.name", "run.grad_probe_every")
 
 
 class CheckpointError(ConfigError):

@@ -24,6 +24,39 @@ def _cmd_data_synth(args) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s: {summary['counts']}")
     print(f"  source (GTA5 layout):       {out / 'gta5'}")
     print(f"  target (Cityscapes layout): {out / 'cityscapes'}")
+    if args.pretrain:
+        from .data import synth_pretrain
+
+        record = synth_pretrain.generate(out / "pretrain", workers=args.workers, progress=True)
+        print(f"  pretraining domain (ImageNet and ADE20k layouts, {record['seconds']:.1f} s): {out / 'pretrain'}")
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from pathlib import Path
+
+    from .pretrain import KINDS, PRETRAIN_DIR, describe, ensure_weights
+
+    root = Path(args.out).resolve() if args.out else Path(args.data_root).resolve() / PRETRAIN_DIR
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    recipes = {}
+    if args.iterations is not None:
+        if not args.out:
+            from .errors import UserError
+
+            raise UserError("--iterations: the cache under the data root holds the default recipe, which "
+                            "model.pretrained=embedded loads; write another recipe elsewhere with --out DIR")
+        recipes = {k: {"iterations": args.iterations} for k in kinds}
+    for kind in kinds:
+        path = ensure_weights(root, kind, progress=not args.quiet, recipes=recipes)
+        meta = describe(path)
+        result = ", ".join(f"{k} {v}" for k, v in meta.get("result", {}).items())
+        print(f"{kind}: {path}\n  {result}")
+    if not args.out:
+        print("rows load them with --set model.pretrained=embedded (ImageNet stand-in) or embedded_seg "
+              "(ADE20k stand-in)")
+    else:
+        print("rows load them with --set model.pretrained=<the file>")
     return 0
 
 
@@ -211,14 +244,16 @@ def _cmd_study(args) -> int:
 
     study = load_study(find_study(args.study))
     return run_study(study, smoke_test=args.smoke_test, address=args.address, storage_path=args.storage_path,
-                     tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent, out=args.out)
+                     tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent, out=args.out,
+                     variant=args.variant)
 
 
 def _cmd_compare(args) -> int:
     from .compare import compare_study
 
     result = compare_study(args.study, tracking_uri=args.tracking_uri, out_dir=args.out,
-                           log_to_parent=not args.no_log, per_class=args.per_class, fmt=args.format)
+                           log_to_parent=not args.no_log, per_class=args.per_class, fmt=args.format,
+                           baseline=args.baseline)
     print(result.text)
     print(f"written to {result.files[0].parent}/: " + ", ".join(f.name for f in result.files))
     return 0
@@ -307,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named domain-shift regime: default, none, photo, appearance, layout, full "
                         "(default: %(default)s)")
     s.add_argument("--workers", type=_positive, default=2, help="generator processes (default: %(default)s)")
+    s.add_argument("--pretrain", action="store_true",
+                   help="also write the embedded pretraining domain (ImageNet and ADE20k stand-ins) in OUT/pretrain")
     s.set_defaults(func=_cmd_data_synth)
 
     c = dsub.add_parser("check", help="read every sample; print counts, class histogram, problems")
@@ -344,6 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-images", type=_count, default=0, help="evaluate the first N images (0: all)")
     e.set_defaults(func=_cmd_eval)
 
+    pt = sub.add_parser("pretrain", help="pretrain the small encoders on the embedded ImageNet / ADE20k stand-ins "
+                                         "(what model.pretrained=embedded loads; built on first use anyway)")
+    pt.add_argument("--data-root", default=DEFAULT_SYNTH_ROOT,
+                    help="the embedded benchmark's root; the weights go in DATA_ROOT/pretrain (default: %(default)s)")
+    pt.add_argument("--kind", default="all", choices=("embedded", "embedded_seg", "all"),
+                    help="embedded: classification (ImageNet stand-in); embedded_seg: scene parsing (ADE20k "
+                         "stand-in, from embedded) (default: %(default)s)")
+    pt.add_argument("--out", default=None,
+                    help="another folder for the pretraining domain and its weights (e.g. with --iterations)")
+    pt.add_argument("--iterations", type=_positive, default=None, help="training iterations (only with --out)")
+    pt.add_argument("--quiet", action="store_true", help="no progress bars")
+    pt.set_defaults(func=_cmd_pretrain)
+
     from .study import study_arg_parser
 
     st = sub.add_parser("study", help="run a study (studies/NAME.py) on the current Ray cluster")
@@ -361,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--format", default="text", choices=("text", "markdown", "latex"),
                     help="how the table is printed (default: %(default)s; the files have every format)")
     cp.add_argument("--per-class", action="store_true", help="print the per-class IoU columns too")
+    cp.add_argument("--baseline", default=None, metavar="ROW",
+                    help="the Δ columns against another row (e.g. each parent of a cross-method row); files "
+                         "STUDY_vs_ROW_* (default: the study's baseline)")
     cp.add_argument("--no-log", action="store_true", help="do not log the table to the study's parent run")
     cp.set_defaults(func=_cmd_compare)
 

@@ -27,7 +27,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 DEFAULT_OBJECTIVE = "sel/mIoU"
 DEFAULT_REPORT = "val/mIoU"
@@ -96,7 +96,8 @@ FORMATS = ("text", "markdown", "latex")
 
 
 def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir: str | Path | None = None,
-                  log_to_parent: bool = True, per_class: bool = False, fmt: str = "text") -> CompareResult:
+                  log_to_parent: bool = True, per_class: bool = False, fmt: str = "text",
+                  baseline: str | None = None) -> CompareResult:
     """Build the ablation table of ``study`` from MLflow and write it with its figures.
 
     Args:
@@ -108,6 +109,9 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
             ``compare/``, with the table as an MLflow table and each row's means as metrics.
         per_class: per-class IoU columns in ``text`` (the files always have them).
         fmt: ``text`` (fixed width), ``markdown`` or ``latex`` (booktabs) for ``text``.
+        baseline: another row as the Δ columns' baseline (e.g. each parent of a row that
+            combines two methods' components); the files are then ``<study>_vs_<row>_*`` and
+            nothing is logged to the parent run. None: the study's own baseline.
 
     Returns:
         A ``CompareResult``. ``selection`` holds ``criterion``, ``mode``, ``picked`` (the row with
@@ -145,6 +149,11 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
     tags = parent.data.tags
     notes: list[str] = []
     spec = _spec(tags, runs, notes)
+    if baseline is not None:
+        if baseline not in spec.rows:
+            raise UserError(f"--baseline {baseline}: not a row of study {name}{did_you_mean(baseline, spec.rows)} "
+                            f"(its rows: {', '.join(spec.rows)})")
+        spec.baseline, log_to_parent = baseline, False
     rows = _aggregate(spec, runs, notes)
     table = _table(spec, rows)
     seeds = _seed_table(spec, rows, runs)
@@ -155,8 +164,9 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
 
     out = Path(out_dir) if out_dir is not None else Path("runs") / name
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / f"{name}_compare.csv", out / f"{name}_compare.parquet", out / f"{name}_seeds.csv",
-             out / f"{name}_seeds.parquet", out / f"{name}_compare.md", out / f"{name}_compare.tex"]
+    stem = name if baseline is None else f"{name}_vs_{baseline}"
+    files = [out / f"{stem}_compare.csv", out / f"{stem}_compare.parquet", out / f"{stem}_seeds.csv",
+             out / f"{stem}_seeds.parquet", out / f"{stem}_compare.md", out / f"{stem}_compare.tex"]
     table.to_csv(files[0], index=False)
     table.to_parquet(files[1], index=False)
     seeds.to_csv(files[2], index=False)
@@ -165,10 +175,10 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
                                 per_class=True, fmt="markdown") + "\n")
     files[5].write_text(_render(name, spec, rows, table, selection, importances, trials, notes,
                                 per_class=True, fmt="latex") + "\n")
-    files += write_figures(name, table, seeds, report=spec.report, baseline=spec.baseline,
+    files += write_figures(stem, table, seeds, report=spec.report, baseline=spec.baseline,
                            importances=importances, importance_trials=trials, out_dir=out)
     if importances:
-        files.append(_write_importances(importances, trials, out / f"{name}_importances.csv"))
+        files.append(_write_importances(importances, trials, out / f"{stem}_importances.csv"))
     if log_to_parent:
         _log_to_parent(client, parent.info.run_id, spec, table, files)
 

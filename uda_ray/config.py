@@ -66,6 +66,9 @@ class RunConfig:
     init_from: str = knob("", "checkpoint (file or run dir) whose segmenter weights start this run")
     max_val_images: int = knob(0, "evaluate on the first N target-val images (0 = all)", lo=0)
     mosaic_images: int = knob(4, "target-val images in the prediction mosaic", lo=0)
+    grad_probe_every: int = knob(0, "iterations between probes of each loss term's gradient norm and its ratio to "
+                                    "the segmentation term's (grad/*; 0 = off; a diagnostic, not part of a row's "
+                                    "identity: training is bit-identical)", lo=0)
 
 
 @dataclass
@@ -105,7 +108,8 @@ class ModelConfig:
     arch: str = knob("deeplabv2_r101", "segmenter",
                      choices=("deeplabv2_r101", "deeplabv2_vgg16", "r18_ppm", "tiny", "mat_r101", "mat_tiny",
                               "tiny_ppm"))
-    pretrained: str = knob("", "ImageNet weights: a file path, 'torchvision' (the local cache) or ''")
+    pretrained: str = knob("", "encoder weights: a file path, 'torchvision' (ImageNet, the local cache), 'embedded' "
+                               "(the embedded ImageNet stand-in), 'embedded_seg' (its ADE20k stand-in) or '' (random)")
     multi_level: bool = knob(True, "auxiliary head on the penultimate stage (multi-level adaptation)")
     num_decoders: int = knob(1, "PPM decoders on the shared encoder (r18_ppm, tiny_ppm; curriculum: 2)", lo=1)
     ppm_bins: str = knob("1,2,3,6", "pyramid pooling output sizes of each PPM decoder, comma-separated "
@@ -397,6 +401,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.lr": 0.01, "optim.weight_decay": 1e-4,
         "run.iterations": 400, "run.schedule_iterations": 0, "run.log_every": 25,
         "run.eval_every": 0, "run.checkpoint_every": 100, "run.num_workers": 0, "run.max_val_images": 0,
+        "run.grad_probe_every": 50,
         "adaptseg.ndf": 16,
         "jal.ndf": 16,
         "pww.ndf": 16,

@@ -97,9 +97,18 @@ def _dir(cfg: Config, which: str) -> Path:
 def ensure_data(cfg: Config) -> None:
     """Generate the embedded benchmark on first use when the config asks for it (``data.synth``,
     set by the tiny-cpu and study-cpu presets only), at ``data.root`` made absolute. A folder
-    there that holds anything the generator did not write is refused, never written into."""
+    there that holds anything the generator did not write is refused, never written into.
+    Then the embedded pretrained weights ``model.pretrained`` names, if it names them."""
     if not cfg.data.synth:
         return
+    _ensure_benchmark(cfg)
+    if cfg.model.pretrained in ("embedded", "embedded_seg"):
+        from .pretrain import embedded_weights
+
+        embedded_weights(cfg)
+
+
+def _ensure_benchmark(cfg: Config) -> None:
     import fcntl
 
     from .data import synth
@@ -521,7 +530,9 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
     run = cfg.run
     every = log_interval(run)
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}  # per key: grad/* probes appear on some steps only
     count = 0
+    probe_every = run.grad_probe_every
     scores, metrics = None, {}
     t_log = t_phase = time.perf_counter()
     train_s = 0.0  # training time since the last log
@@ -531,16 +542,18 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
             for g in so.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_mult", 1.0)
         src, tgt = next(pairs)
+        method.probing = bool(probe_every) and (step + 1) % probe_every == 0
         logs = method.train_step(ctx.to_device(src), ctx.to_device(tgt), step)
         for k, v in logs.items():
             sums[k] = sums[k] + v if k in sums else v.clone()
+            counts[k] = counts.get(k, 0) + 1
         count += 1
         done = step + 1
         if bar is not None:
             bar.update(1)
         if done % every == 0 or done == stop:
-            means = {k: (v / count).item() for k, v in sums.items()}  # the one host sync
-            bad = [k for k, v in means.items() if not math.isfinite(v)]
+            means = {k: (v / counts[k]).item() for k, v in sums.items()}  # the one host sync
+            bad = [k for k, v in means.items() if not math.isfinite(v) and not k.startswith("grad/")]
             if bad:
                 raise NonFiniteLoss(
                     f"{', '.join(bad)} became non-finite between steps {done - count + 1} and {done} of "
@@ -553,7 +566,7 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
             if bar is not None:
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")},
                                 refresh=False)
-            sums, count, train_s, t_log = {}, 0, 0.0, time.perf_counter()
+            sums, counts, count, train_s, t_log = {}, {}, 0, 0.0, time.perf_counter()
         last = done == iters
         do_eval = last or (run.eval_every and done % run.eval_every == 0)
         do_ckpt = last or done == stop or (run.checkpoint_every and done % run.checkpoint_every == 0)
@@ -615,5 +628,13 @@ def run_tags(cfg: Config, method, data) -> dict[str, str]:
     if commit := git_commit():  # MLflow's standard tag: the UI's Version column
         tags["mlflow.source.git.commit"] = commit
     tags.update({f"switch.{k}": str(v) for k, v in method.switches().items()})
+    if path := getattr(method.model, "pretrained_file", ""):
+        # the weights a row started from, by content: model.pretrained names them ("embedded",
+        # "torchvision"), the fingerprint says which bytes they were on this machine
+        import hashlib
+
+        with open(path, "rb") as f:
+            tags["pretrained_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        tags["pretrained_file"] = path
     return tags
 

@@ -36,6 +36,20 @@ from . import tracking
 from .checkpoint import LockHeld, config_hash, owner_lock
 from .config import build_config
 
+# The papers' protocol at CPU scale: the encoder pretrained on the embedded ImageNet stand-in
+# (uda_ray.pretrain) and BatchNorm frozen at its pretraining statistics, DeepLab-v2's
+# batch-1 convention that MAT, DAST, JAL, PWW and AdaptSegNet inherit. In a model whose
+# decoder has BatchNorm and no pretrained statistics (MAT's fusion blocks), frozen BN is the
+# identity there (mean 0, variance 1, weight 1, bias 0, none of them trained).
+PAPER_PROTOCOL = {"model.pretrained": "embedded", "model.bn": "frozen"}
+# The curriculum's: its PSPNet-style model starts from ADE20k (the embedded stand-in) and
+# trains its BatchNorm ("maintained independently on each GPU", batch 4 per GPU).
+CURRICULUM_PROTOCOL = {"model.pretrained": "embedded_seg", "model.bn": "shared"}
+# The control every table study keeps as its ``shared_bn`` variant: random initialisation and
+# BatchNorm shared by source and target batches, the regime the papers never ran (where an
+# adaptation row can gain from target images passing through BatchNorm alone).
+SHARED_BN = {"model.pretrained": "", "model.bn": "shared"}
+
 
 @dataclass
 class Row:
@@ -82,6 +96,10 @@ class Study:
     ray_train: bool | None = None
     asha: dict | None = None  # e.g. {"grace_period": 1, "reduction_factor": 2} for search rows
     smoke: dict = field(default_factory=dict)  # overrides of --smoke-test
+    # Named variants of the whole study (``--variant NAME``): flat values set on every row
+    # (over the row's own), run and recorded as the study ``<name>-<variant>``, e.g. the
+    # ``shared_bn`` control of a table study run under the papers' protocol.
+    variants: dict = field(default_factory=dict)
 
     def __post_init__(self):
         names = [r.name for r in self.rows]
@@ -108,6 +126,22 @@ class Study:
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
+
+    def variant(self, name: str | None) -> "Study":
+        """The study of variant ``name`` (``None``: this one): every row with the variant's
+        values, named ``<study>-<variant>``; an unknown name is a one-line error."""
+        from dataclasses import replace
+
+        from .errors import UserError, did_you_mean
+
+        if name is None:
+            return self
+        if name not in self.variants:
+            raise UserError(f"--variant {name}: study {self.name} has no such variant{did_you_mean(name, self.variants)} "
+                            f"(its variants: {', '.join(self.variants) or 'none'})")
+        values = self.variants[name]
+        return replace(self, name=f"{self.name}-{name}", variants={},
+                       rows=[replace(r, set={**r.set, **values}) for r in self.rows])
 
     def flat(self, row: Row, seed: int, smoke: bool = False) -> dict:
         values = {**self.base, **row.set, **(self.smoke if smoke else {}), "run.seed": seed}
@@ -148,6 +182,9 @@ def study_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: the study's)")
     p.add_argument("--out", default="runs", help="local folder for run directories and the compare table")
+    p.add_argument("--variant", default=None,
+                   help="run a named variant of the study, recorded as STUDY-VARIANT (e.g. shared_bn: the "
+                        "random-init, shared-BatchNorm control of a table study)")
     return p
 
 
@@ -367,11 +404,13 @@ def drive_trial(config: dict, ctx: dict) -> None:
 def run_study(study: Study, *, smoke_test: bool = False, address: str | None = None,
               storage_path: str | None = None, tracking_uri: str | None = None,
               max_concurrent: int | None = None, out: str = "runs", env: dict | None = None,
-              tune_callbacks: list | None = None) -> int:
+              tune_callbacks: list | None = None, variant: str | None = None) -> int:
     """Run ``study`` (see the module's docstring). Returns 0; 1 when a trial failed; 2 when
     another process is running the study of the same name (it holds ``<out>/<name>/.study.lock``).
     ``env``: environment variables of the trials' training processes; ``tune_callbacks``:
-    Tune callbacks of every Tune run (e.g. timing, :mod:`uda_ray.bench_study`)."""
+    Tune callbacks of every Tune run (e.g. timing, :mod:`uda_ray.bench_study`); ``variant``:
+    run :meth:`Study.variant` of that name instead."""
+    study = study.variant(variant)
     name = study.name + ("-smoke" if smoke_test else "")
     lock = Path(out).resolve() / name / STUDY_LOCK
     try:
@@ -397,8 +436,14 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())
     out = str(Path(out).resolve())
-    # Generate the embedded benchmark once, before trials race to do it.
-    ensure_data(build_config({**study.base}, method=study.rows[0].method))
+    # Generate the embedded benchmark and pretrained weights once, before trials race to do it.
+    needs = {}
+    for row in study.rows:
+        cfg = build_config({**study.base, **row.set}, method=row.method)
+        d, m = cfg.data, cfg.model
+        needs.setdefault((d.root, d.synth, d.synth_seed, d.synth_regime, m.pretrained, m.arch), cfg)
+    for cfg in needs.values():
+        ensure_data(cfg)
     distributed.init_ray(address)
     for row in study.rows:  # a space defined in the study script travels by value to the trials
         if row.space is not None:

@@ -1152,7 +1152,9 @@ class SynthArgumentError(UserError, ValueError):
 
 
 # What the generator writes in its folder; a folder holding anything else is not the benchmark's.
-OWN_ENTRIES = ("gta5", "cityscapes", "synth.json", ".synth_partial")
+# ``pretrain``: the embedded pretraining domain and its weights (uda_ray.pretrain), which live
+# beside the benchmark and survive its regeneration.
+OWN_ENTRIES = ("gta5", "cityscapes", "synth.json", ".synth_partial", "pretrain")
 
 
 def _check_own_folder(out: Path) -> None:
@@ -1166,7 +1168,7 @@ def _check_own_folder(out: Path) -> None:
     entries = sorted(p.name for p in out.iterdir())
     foreign = [e for e in entries if e not in OWN_ENTRIES]
     marked = (out / "synth.json").is_file() or (out / ".synth_partial").is_file()
-    if foreign or (entries and not marked):
+    if foreign or (set(entries) - {"pretrain"} and not marked):
         shown = ", ".join(foreign or entries)
         raise DatasetError(f"{out}: refusing to write the embedded benchmark into a folder that holds data it did "
                            f"not write ({shown}{'' if marked else '; no synth.json'}); give it a new or empty "

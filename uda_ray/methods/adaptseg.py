@@ -75,6 +75,7 @@ class AdaptSeg(Method):
             loss_aux = seg_loss(out_s.logits["aux"], src["label"])
             loss = loss + p.lambda_seg_aux * loss_aux
             logs["loss/seg_src_aux"] = loss_aux.detach()
+        self.probe(logs, seg=loss)
         loss.backward()
         size_s, size_t = src["image"].shape[-2:], tgt["image"].shape[-2:]
         prob_s = {lv: F.softmax(upsample(full(out_s.logits[lv].detach()), size_s), dim=1) for lv in self.levels}
@@ -88,6 +89,7 @@ class AdaptSeg(Method):
                 adv = gan_loss(self.discs[lv](prob_t[lv]), SOURCE, p.gan)
                 loss_adv = loss_adv + self.lambda_adv[lv] * adv
                 logs[f"loss/adv_tgt_{lv}"] = adv.detach()
+        self.probe(logs, adv=loss_adv)
         loss_adv.backward()
         set_requires_grad(self.discs.values(), True)
         return logs, prob_s, {lv: t.detach() for lv, t in prob_t.items()}

@@ -67,6 +67,7 @@ class Method:
     needs_target: ClassVar[bool] = True  # reads unlabelled target batches while training
     needs_source: ClassVar[bool] = True  # reads labelled source batches while training
     trains: ClassVar[bool] = True  # False: no optimisation steps (e.g. AdaBN)
+    probing: bool = False  # set by the engine on the steps it probes (run.grad_probe_every)
 
     def __init__(self, cfg: "Config", model: nn.Module, ctx: "Context"):
         self.cfg, self.model, self.ctx = cfg, model, ctx
@@ -93,6 +94,26 @@ class Method:
             if k in state:
                 m.load_state_dict(state[k])
         return [k for k in modules if k in state]
+
+    def probe(self, logs: dict, **terms: Tensor) -> None:
+        """On probe steps, the norm of each loss term's gradient over the segmenter's trained
+        parameters, as weighted in the loss, logged as ``grad/<name>``, and its ratio to the
+        ``seg`` term probed before it in the step as ``grad/<name>_over_seg``: how much each
+        component pulls against the supervised loss. Call before the term's backward. A
+        diagnostic: ``autograd.grad`` leaves ``.grad`` alone, so training is bit-identical
+        with or without it (tested); it costs one extra backward per term on probe steps."""
+        if not self.probing:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for name, term in terms.items():
+            if not isinstance(term, Tensor) or not term.requires_grad:
+                continue  # e.g. a sum over no terms
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            sq = [g.float().pow(2).sum() for g in grads if g is not None]
+            norm = torch.stack(sq).sum().sqrt() if sq else term.new_zeros((), dtype=torch.float32)
+            logs[f"grad/{name}"] = norm.detach()
+            if name != "seg" and "grad/seg" in logs:
+                logs[f"grad/{name}_over_seg"] = (norm / logs["grad/seg"].clamp_min(1e-12)).detach()
 
     def modules(self) -> dict[str, nn.Module]:
         """Everything a checkpoint holds, by name (the segmenter is ``model``)."""

@@ -36,6 +36,13 @@ Choices where the paper is silent:
   does nothing with ``global``). On saturated predictions the cap keeps more than q.
 - The discoverer reads ``f`` before the attention; without ``dast.attention`` (Table 3's
   "+MSE+2D") D still aligns f but neither reweights f nor C's loss.
+
+Across methods: ``dast.pseudo=adversarial`` labels each round with MAT's adversarial-
+confidence proxies (Shen et al., Eq. 5; the shared proxy policy) instead of the top q:
+t1 keeps the top ``dast.p1`` of the target pixels by the adversarial confidence A, t2 the
+class-balanced top ``dast.p2`` among them. A is the mean "source" probability of DAST's own
+discriminators, the round's corrector C (on the softmax output) and, with ``two_disc``, its
+discoverer D (on f), each upsampled to the input size, as MAT averages its D1 and D2.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ from ..knobs import ConfigError, knob
 from ..losses import SOURCE, TARGET, full, gan_loss, seg_loss, upsample
 from ..models import FeatureDiscriminator, PatchDiscriminator
 from ..models.batchnorm import bn_domain
-from ..proxy import ProxyLabelled, ProxyPolicy, TwoStageScore, generate_for_run, log_softmax_at
+from ..proxy import (ProxyLabelled, ProxyPolicy, TwoStageScore, adversarial_confidence_logit, generate_for_run,
+                     log_softmax_at)
 from .base import Method, discriminator_optimizer, set_requires_grad
 
 
@@ -66,8 +74,13 @@ class DASTConfig:
     mu: float = knob(1.0, "weight of the pseudo-label loss (paper 1)", lo=0.0)
     q: float = knob(0.5, "portion of target pixels kept as pseudo labels (paper 0.5)", lo=0.0, hi=1.0, lo_open=True)
     rounds: int = knob(3, "self-training rounds K over the run's iterations (paper 3)", lo=1)
-    pseudo: str = knob("global", "top-q over all pixels (paper text) or per predicted class (release)",
-                       choices=("global", "class_balanced"))
+    pseudo: str = knob("global", "top-q over all pixels (paper text), per predicted class (release), or MAT's "
+                                 "adversarial-confidence proxies (a cross-method row: dast.p1, dast.p2)",
+                       choices=("global", "class_balanced", "adversarial"))
+    p1: float = knob(0.6, "pseudo=adversarial: portion kept by the adversarial confidence of C and D, MAT's t1 "
+                          "(MAT paper 0.6)", lo=0.0, hi=1.0, lo_open=True)
+    p2: float = knob(0.8, "pseudo=adversarial: class-balanced portion among those, MAT's t2 (MAT paper 0.8)",
+                     lo=0.0, hi=1.0, lo_open=True)
     max_threshold: float = knob(0.9, "class_balanced: cap on each class's threshold, a probability (release 0.9; "
                                      "1 = no cap)", lo=0.0, hi=1.0, lo_open=True)
     ndf: int = knob(64, "corrector width (paper 64: 64-128-256-512-1)", lo=1)
@@ -106,9 +119,13 @@ class DAST(Method):
         self.opt_d = discriminator_optimizer(cfg, self.discs)
         # the model at the start of the current self-training round: it labels the round's
         # targets, and a resumed run regenerates them from it if they are not on disk
-        self.generator = (torch.nn.ModuleDict({"model": copy.deepcopy(model), **(
-            {"discoverer": copy.deepcopy(self.discoverer)} if self.discoverer is not None else {})})
-            if p.self_training else None)
+        # (and, for MAT's adversarial-confidence proxies, the corrector that scores them)
+        kept = {"discoverer": self.discoverer} if self.discoverer is not None else {}
+        if p.pseudo == "adversarial":
+            kept["corrector"] = self.corrector
+        self.generator = (torch.nn.ModuleDict({"model": copy.deepcopy(model),
+                                               **{k: copy.deepcopy(v) for k, v in kept.items()}})
+                          if p.self_training else None)
 
     def modules(self):
         mods = {"model": self.model, "corrector": self.corrector}
@@ -143,6 +160,7 @@ class DAST(Method):
             f_s = feats_s[self.feature]
             logits_s = model.heads["main"](f_s)
         loss_seg = seg_loss(logits_s, src["label"])
+        self.probe(logs, seg=loss_seg)
         loss_seg.backward()
         logs["loss/seg_src"] = loss_seg.detach()
         size_s, size_t = src["image"].shape[-2:], tgt["image"].shape[-2:]
@@ -164,8 +182,10 @@ class DAST(Method):
             logs["loss/adv_tgt_corrector"] = adv_c.detach()
             if alpha is not None:
                 logs["attention/mean"] = alpha.detach().float().mean()
+        self.probe(logs, adv=loss)
         if p.self_training:
             loss_p = seg_loss(logits_t, tgt["label"])
+            self.probe(logs, pseudo=p.mu * loss_p)
             loss = loss + p.mu * loss_p
             logs["loss/seg_pseudo"] = loss_p.detach()
         loss.backward()
@@ -199,8 +219,9 @@ class DAST(Method):
         starts = self.phases(self.cfg.run.iterations)
         if step == starts[k]:  # the round starts here: its labels come from the current model
             self.generator["model"].load_state_dict(self.model.state_dict())
-            if self.discoverer is not None:
-                self.generator["discoverer"].load_state_dict(self.discoverer.state_dict())
+            for name in ("discoverer", "corrector"):
+                if name in self.generator:
+                    self.generator[name].load_state_dict(getattr(self, name).state_dict())
         # a resumed round finds its labels on disk, else they are made again by the generator
         stats = generate_for_run(self.ctx, data, self._score(self.generator), self.policy(), out_dir, step=step)
         if stats is not None and self.ctx.tracker is not None and self.ctx.rank == 0:
@@ -209,28 +230,41 @@ class DAST(Method):
 
     def policy(self) -> ProxyPolicy:
         """The pseudo-label policy: the top q, globally or per predicted class (with the
-        release's cap on the class thresholds)."""
+        release's cap on the class thresholds), or MAT's adversarial confidence."""
         p = self.p
+        if p.pseudo == "adversarial":
+            return ProxyPolicy("adversarial", portion=p.p1, portion2=p.p2)
         return ProxyPolicy(p.pseudo, portion=p.q,
                            max_threshold=p.max_threshold if p.pseudo == "class_balanced" else None)
 
     def _score(self, gen):
-        """score_fn of the round's generator: log-probabilities as the model predicts them."""
+        """score_fn of the round's generator: log-probabilities as the model predicts them
+        (and, for ``pseudo=adversarial``, the logit of C's and D's adversarial confidence)."""
         net, disc = gen["model"], gen["discoverer"] if "discoverer" in gen else None
+        corrector = gen["corrector"] if "corrector" in gen else None
 
-        def raw(images):  # the network, once per image
+        def raw(images):  # the networks, once per image
             was = net.training
             net.eval()
             with torch.no_grad(), bn_domain(net, "target"), self.ctx.autocast():
-                logits, _, _, _ = self.forward_target(images, attention=self.p.attention and self.p.test_attention,
-                                                      model=net, discoverer=disc, need_d=False)
+                logits, _, d_out, _ = self.forward_target(
+                    images, attention=self.p.attention and self.p.test_attention, model=net, discoverer=disc,
+                    need_d=corrector is not None)
+                if corrector is not None:  # C judges the softmax at the input size, as in training
+                    c_out = corrector(F.softmax(upsample(full(logits), images.shape[-2:]), dim=1))
             net.train(was)
-            return (logits,)
+            if corrector is None:
+                return (logits,)
+            return (logits, c_out, *((d_out,) if d_out is not None else ()))
+
+        def finish_confidence(outputs, size):
+            # A = mean over C (and D) of P(source) = sigmoid(-d), each upsampled to the input size
+            return adversarial_confidence_logit([upsample(d.float(), size) for d in outputs[1:]])
 
         def finish(outputs, size):
-            return log_softmax_at(outputs[0], size), None
+            return log_softmax_at(outputs[0], size), finish_confidence(outputs, size) if len(outputs) > 1 else None
 
-        return TwoStageScore(raw, finish)
+        return TwoStageScore(raw, finish, finish_confidence if corrector is not None else None)
 
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -233,6 +233,7 @@ class JAL(Method):
             with torch.no_grad(), self.ctx.autocast():
                 prob_s["wtm"] = (self._softmax(self.transferred_logits(out_s, "aux", detach=True), size_s)
                                  if "aux" in self.wtms else prob_s["aux"])
+        self.probe(logs, seg=loss)
         loss.backward()
 
         # 2. adversarial on target, discriminators frozen: target maps labelled source (Eq. 3-5, 9, 10)
@@ -258,6 +259,7 @@ class JAL(Method):
                     adv = gan_loss(self.discs["wtm"](prob_tt), SOURCE, p.gan)
                     loss_adv = loss_adv + self.lambda_adv_wtm[lv] * adv
                     logs[f"loss/adv_wtm_tgt_{lv}"] = adv.detach()
+        self.probe(logs, adv=loss_adv)
         loss_adv.backward()
         set_requires_grad(self.discs.values(), True)
         return logs, prob_s, {k: t.detach() for k, t in prob_t.items()}

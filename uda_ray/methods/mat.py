@@ -31,6 +31,13 @@ Choices where the paper is silent:
   AdaptSegNet's main/auxiliary weights; both are searched in ``studies/mat_search.py``.
 - Multi-scale inference: softmax averaged over ``mat.ms_scales`` (0.75, 1, 1.25 by
   default; the paper gives no scales), each upsampled to the 1x output size.
+
+Across methods: ``mat.pixel_weights`` puts PWW's generation-confidence map (Tian et al.,
+Eqs. 3-4: ``d = pw_d_aligned`` where the target prediction's max softmax probability
+exceeds ``pw_T``, ``exp(-p*)`` elsewhere) on MAT's multi-level discriminators: the target
+terms of D1 and D2, the segmenter's and the discriminators' (PWW's Eqs. 4 and 9), are
+weighted per pixel by ``(d + pw_mu)``, detached. As PWW does with its output-space D, each
+D's logit map (1/32) is upsampled bilinearly to the input size for the per-pixel product.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import torch.nn.functional as F
 from ..knobs import ConfigError, knob
 from ..checkpoint import load_checkpoint_file
 from ..models import build_segmenter
-from ..losses import GAN_KINDS, SOURCE, TARGET, gan_loss, seg_loss, upsample
+from ..losses import GAN_KINDS, SOURCE, TARGET, full, gan_loss, seg_loss, upsample
 from ..models import PooledDiscriminator
 from ..models.batchnorm import bn_domain
 from ..proxy import (ProxyLabelled, ProxyPolicy, TwoStageScore, adversarial_confidence_logit, generate_for_run,
@@ -73,6 +80,11 @@ class MATConfig:
     ms_scales: str = knob("0.75,1.0,1.25", "input scales averaged by multi-scale inference")
     gan: str = knob("vanilla", "adversarial loss: vanilla GAN (Eqs. 2-3, BCE) or least squares", choices=GAN_KINDS)
     ndf: int = knob(64, "discriminator base width (conv widths ndf, 2ndf, 4ndf, 8ndf)", lo=1)
+    pixel_weights: bool = knob(False, "PWW's pixel-wise weights (d + mu) on D1's and D2's target terms (a "
+                                      "cross-method row; not in MAT)")
+    pw_T: float = knob(0.9, "pixel_weights: PWW's confidence threshold T (PWW paper 0.9)", lo=0.0, hi=1.0)
+    pw_mu: float = knob(0.1, "pixel_weights: PWW's adaptive weight mu (PWW paper 0.1)", lo=0.0)
+    pw_d_aligned: float = knob(0.01, "pixel_weights: d on pixels above T (PWW paper 0.01)", lo=0.0, hi=1.0)
 
 
 # the features each discriminator judges: D1 the decoder output F(x), D2 the mid level F_l(x)
@@ -132,8 +144,9 @@ class MAT(Method):
         with bn_domain(model, "source"), self.ctx.autocast():
             out_s = model(src["image"])
         loss_seg = seg_loss(out_s.logits["main"], src["label"])
-        (p.lambda_seg * loss_seg).backward()
         logs = {"loss/seg_src": loss_seg.detach()}
+        self.probe(logs, seg=p.lambda_seg * loss_seg)
+        (p.lambda_seg * loss_seg).backward()
         feats_s = {lv: out_s.features[LEVELS[lv]].detach() for lv in self.levels}
         if not self.levels:
             self.step()
@@ -142,11 +155,15 @@ class MAT(Method):
         lambdas = {"d1": p.lambda_adv1, "d2": p.lambda_adv2}
         with bn_domain(model, "target"), self.ctx.autocast():
             out_t = model(tgt["image"])
+            weight = self._pixel_weight(out_t.logits["main"], tgt["image"].shape[-2:])
+            if weight is not None:
+                logs["pww/weight_mean"] = weight.mean()
             loss_adv = 0.0
             for lv in self.levels:
-                adv = gan_loss(self.discs[lv](out_t.features[LEVELS[lv]]), SOURCE, p.gan)
+                adv = self._adv(self.discs[lv](out_t.features[LEVELS[lv]]), SOURCE, weight)
                 loss_adv = loss_adv + lambdas[lv] * adv
                 logs[f"loss/adv_tgt_{lv}"] = adv.detach()
+        self.probe(logs, adv=loss_adv)
         loss_adv.backward()
         set_requires_grad(self.discs.values(), True)
         # 3. discriminators on detached features: source -> 0, target -> 1
@@ -154,11 +171,26 @@ class MAT(Method):
             for lv in self.levels:
                 d = self.discs[lv]
                 f_t = out_t.features[LEVELS[lv]].detach()
-                loss_d = 0.5 * (gan_loss(d(feats_s[lv]), SOURCE, p.gan) + gan_loss(d(f_t), TARGET, p.gan))
+                loss_d = 0.5 * (gan_loss(d(feats_s[lv]), SOURCE, p.gan) + self._adv(d(f_t), TARGET, weight))
                 loss_d.backward()
                 logs[f"loss/disc_{lv}"] = loss_d.detach()
         self.step()
         return logs
+
+    def _pixel_weight(self, logits_t, size):
+        """PWW's (d + mu) at the input size from the target logits, detached; None when off."""
+        if not self.p.pixel_weights:
+            return None
+        from .pww import generation_confidence, pixel_weight
+
+        prob = F.softmax(upsample(full(logits_t.detach()), size), dim=1)
+        return pixel_weight(generation_confidence(prob, self.p.pw_T, self.p.pw_d_aligned), self.p.pw_mu, None)
+
+    def _adv(self, d_out, domain, weight):
+        """One adversarial term; with pixel weights, on D's logits upsampled to the input size."""
+        if weight is None:
+            return gan_loss(d_out, domain, self.p.gan)
+        return gan_loss(upsample(d_out, weight.shape[-2:]), domain, self.p.gan, weight=weight)
 
     # --- stage 3: proxies (Eq. 5) and retraining on them -----------------------------------
     def begin_phase(self, k, step, data):

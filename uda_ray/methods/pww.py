@@ -208,6 +208,7 @@ class PWW(Method):
             loss_aux = seg_loss(out_s.logits["aux"], src["label"])
             loss = loss + p.lambda_seg_aux * loss_aux
             logs["loss/seg_src_aux"] = loss_aux.detach()
+        self.probe(logs, seg=loss)
         loss.backward()
         size_s, size_t = src["image"].shape[-2:], tgt["image"].shape[-2:]
         prob_s = {lv: F.softmax(upsample(full(out_s.logits[lv].detach()), size_s), dim=1) for lv in self.levels}
@@ -231,6 +232,7 @@ class PWW(Method):
                 adv = weighted_bce(upsample(self.discs[lv](prob_t[lv]), size_t), SOURCE, w)  # Eq. 6 target term
                 loss_adv = loss_adv + lambda_adv[lv] * adv
                 logs[f"loss/adv_tgt_{lv}"] = adv.detach()
+        self.probe(logs, adv=loss_adv)
         loss_adv.backward()
         set_requires_grad(self.all_discs, True)
         feat_t = out_t.features[self.feat_name].detach() if self.d_feat is not None else None

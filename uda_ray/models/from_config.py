@@ -32,7 +32,12 @@ def build_segmenter(cfg, device: torch.device) -> nn.Module:
     elif m.num_decoders != 1:
         raise ConfigError(f"model.num_decoders: only r18_ppm and tiny_ppm have several decoders "
                           f"(model.arch={m.arch}); got {m.num_decoders}")
-    model = build_model(m.arch, num_classes=cfg.data.num_classes, pretrained=m.pretrained or None, **kw)
+    pretrained = m.pretrained or None
+    if pretrained in ("embedded", "embedded_seg"):
+        from ..pretrain import embedded_weights
+
+        pretrained = embedded_weights(cfg)  # built on first use under <data.root>/pretrain
+    model = build_model(m.arch, num_classes=cfg.data.num_classes, pretrained=pretrained, **kw)
     set_bn_mode(model, m.bn)
     if cfg.run.init_from:
         state = load_checkpoint_file(cfg.run.init_from)

@@ -80,6 +80,7 @@ class Segmenter(nn.Module):
         if pretrained is None:
             return
         path = resolve_pretrained(pretrained, arch=self.torchvision_arch)
+        self.pretrained_file = str(path)  # which file it was, for the run's record (engine.run_tags)
         try:
             self.backbone.load_imagenet_state_dict(read_state_dict(path))
         except RuntimeError as e:
