@@ -1,6 +1,6 @@
 """MAT Table 4 (the p1 x p2 grid of the proxy selection) on the embedded benchmark, 3 seeds.
 
-    uda-ray study studies/mat_table4.py                 # about 32 minutes on 2 CPU cores (measured)
+    uda-ray study studies/mat_table4.py                 # about 96 minutes on 2 CPU cores (estimated: 3x the stages of the earlier 32-minute run)
     uda-ray study studies/mat_table4.py --smoke-test
 
 Every grid row re-runs only the proxy stage (proxies of Eq. 5 from the same ``mul_adv``
@@ -32,12 +32,17 @@ vs 47.7); high p1 (0.8, 1) gives the worse results; the best is p1 = 0.6, p2 = 0
 ground truth of the adaptation images, read only to measure) and ``proxy/kept_frac``
 show *why* a row wins or loses.
 
-Scale as in ``mat_table3.py``: the ``study-cpu`` preset with ``mat_tiny``, 400 source
-iterations, 200 multi-adversarial iterations at a fixed lr of 1e-3, 400 retraining
+Scale as in ``mat_table3.py``: the ``study-cpu`` preset with ``mat_tiny``, 1200 source
+iterations, 600 multi-adversarial iterations at a fixed lr of 1e-3, 1200 retraining
 iterations per grid row.
+
+Protocol: the papers' (``PAPER_PROTOCOL``, studies/README.md "Protocol": the embedded
+ImageNet stand-in's encoder, BatchNorm frozen at its statistics), stages 3x the earlier
+tables' lengths. ``--variant shared_bn``: the earlier tables' regime as
+the control (random init, shared BatchNorm), recorded as ``<study>-shared_bn``.
 """
 
-from uda_ray.study import Row, Study
+from uda_ray.study import PAPER_PROTOCOL, SHARED_BN, Row, Study
 
 GRID = [(0.5, 0.8), (0.6, 0.4), (0.6, 0.5), (0.6, 0.6), (0.6, 0.8), (0.8, 0.3), (0.8, 0.4), (0.8, 0.5),
         (1.0, 0.2), (1.0, 0.3), (1.0, 0.4), (1.0, 0.48)]
@@ -49,17 +54,18 @@ def row_name(p1: float, p2: float) -> str:
 
 STUDY = Study(
     name="mat_table4",
-    base={"preset": "study-cpu", "model.arch": "mat_tiny"},  # mat.adv and mat.mul_adv: on by default
+    base={"preset": "study-cpu", **PAPER_PROTOCOL, "model.arch": "mat_tiny"},  # mat.adv and mat.mul_adv: on by default
     rows=[
-        Row("source_only", "source_only", set={"run.iterations": 400}),
-        Row("mul_adv", "mat", init_from="source_only", set={"run.iterations": 200, "mat.adapt_lr": 1e-3}),
+        Row("source_only", "source_only", set={"run.iterations": 1200}),
+        Row("mul_adv", "mat", init_from="source_only", set={"run.iterations": 600, "mat.adapt_lr": 1e-3}),
         *(Row(row_name(p1, p2), "mat", init_from="mul_adv",
-              set={"run.iterations": 400, "mat.proxy": True, "mat.p1": p1, "mat.p2": p2}) for p1, p2 in GRID),
+              set={"run.iterations": 1200, "mat.proxy": True, "mat.p1": p1, "mat.p2": p2}) for p1, p2 in GRID),
     ],
     seeds=(0, 1, 2),
     baseline="p1_1_p2_0.48",  # CBST-style selection at the default's portion: the row Table 4 sets 0.6/0.8 against
     max_concurrent=2,
     smoke={"run.iterations": 2},
+    variants={"shared_bn": SHARED_BN},
 )
 
 if __name__ == "__main__":

@@ -2,43 +2,49 @@
 with both maps on, the best re-run over 3 seeds next to the paper's defaults, on the
 embedded benchmark at ``study-cpu``.
 
-    uda-ray study studies/pww_search.py                 # about 13 minutes on 2 CPU cores
+    uda-ray study studies/pww_search.py                 # about 39 minutes on 2 CPU cores (estimated: 3x the stages of the earlier 13-minute run)
     uda-ray study studies/pww_search.py --smoke-test    # 2 iterations, 1 seed, 2 trials
 
 Rows:
 
-- source_only: supervised on source (400 iterations); the baseline of the Δ column and the
+- source_only: supervised on source (1200 iterations); the baseline of the Δ column and the
   start of the other rows (paper, Table 1 "Source only": 36.6 mIoU GTA5 -> Cityscapes).
 - pww: GenMap T=0.9 + DisMap at the paper's values, lambda_adv = 5e-4, T = 0.9, mu = 0.1
   (paper, Table 3 "refined w/ DisMap": 47.2; Table 1 "Proposed": 47.2).
-- pww_search: 6 Optuna trials on seed 0 over lambda_adv (log 1e-4 .. 1e-2), T (0.5 .. 1.0)
+- pww_search: 6 Optuna trials on seed 0 over lambda_adv (log 1e-4 .. 1), T (0.5 .. 1.0)
   and mu (log 0.01 .. 1), selected on the selection split (sel/mIoU, never the reported
   val), then the best re-run over seeds 0, 1, 2.
 
-Every adaptation trial runs 300 iterations from the source_only checkpoint of its seed with
+Every adaptation trial runs 900 iterations from the source_only checkpoint of its seed with
 discriminators at ndf 16. Run time (measured at study-cpu, 1 thread, ~0.3 s/iter with both
 maps): source-only stage about 2 minutes; 6 search trials and 6 re-runs, 2 at a time, about
 11 minutes.
+
+Protocol: the papers' (``PAPER_PROTOCOL``, studies/README.md "Protocol": the embedded
+ImageNet stand-in's encoder, BatchNorm frozen at its statistics), stages 3x the earlier
+tables' lengths. ``--variant shared_bn``: the earlier tables' regime as
+the control (random init, shared BatchNorm), recorded as ``<study>-shared_bn``.
 """
 
-from uda_ray.study import Row, Study
+from uda_ray.study import PAPER_PROTOCOL, SHARED_BN, Row, Study
 
 
 def pww_space(trial):
-    """lambda_adv around the paper's 5e-4, the threshold T up to 1 (GenMap T=1) and the
-    adaptive weight mu around the paper's 0.1."""
-    trial.suggest_float("pww.lambda_adv", 1e-4, 1e-2, log=True)
+    """lambda_adv from a fifth of the paper's 5e-4 up to 1 (at the paper's weight the
+    adversarial term is a fraction of a percent of the segmentation loss), the threshold T up
+    to 1 (GenMap T=1) and the adaptive weight mu around the paper's 0.1."""
+    trial.suggest_float("pww.lambda_adv", 1e-4, 1.0, log=True)
     trial.suggest_float("pww.T", 0.5, 1.0)
     trial.suggest_float("pww.mu", 0.01, 1.0, log=True)
 
 
-ADAPT = {"run.iterations": 300}
+ADAPT = {"run.iterations": 900}
 
 STUDY = Study(
     name="pww_search",
-    base={"preset": "study-cpu"},
+    base={"preset": "study-cpu", **PAPER_PROTOCOL},
     rows=[
-        Row("source_only", "source_only", set={"run.iterations": 400}),
+        Row("source_only", "source_only", set={"run.iterations": 1200}),
         Row("pww", "pww", init_from="source_only", set=ADAPT),
         Row("pww_search", "pww", init_from="source_only", set=ADAPT, space=pww_space, num_samples=6),
     ],
@@ -46,6 +52,7 @@ STUDY = Study(
     baseline="source_only",
     max_concurrent=2,
     smoke={"run.iterations": 2},
+    variants={"shared_bn": SHARED_BN},
 )
 
 if __name__ == "__main__":

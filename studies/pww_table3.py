@@ -1,7 +1,7 @@
 """PWW, Table 3 (ablation, GTA5 -> Cityscapes): the pixel-wise weighting maps on top of
 output-space adversarial adaptation, 3 seeds, on the embedded benchmark at ``study-cpu``.
 
-    uda-ray study studies/pww_table3.py                 # about 12 minutes on 2 CPU cores
+    uda-ray study studies/pww_table3.py                 # about 45 minutes on 2 CPU cores (estimated)
     uda-ray study studies/pww_table3.py --smoke-test    # 2 iterations, 1 seed
 
 Rows (the paper's mIoU, DeepLab-v2 R101 + MRNet's memory module, 150k-iteration runs):
@@ -13,29 +13,39 @@ Rows (the paper's mIoU, DeepLab-v2 R101 + MRNet's memory module, 150k-iteration 
 | genmap_T1           | "Pixel-wise weighted DA (T = 1)"              | genmap, T=1.0, dismap=false   | 46.5 |
 | genmap_T09          | "Pixel-wise weighted DA (T = 0.9)"            | genmap, T=0.9, dismap=false   | 46.8 |
 | genmap_T09_dismap   | "Pixel-wise weighted DA (refined w/ DisMap)"  | genmap, T=0.9, dismap (all defaults) | 47.2 |
+| adv_lambda0         | - (the control: trained as long, no adversarial gradient) | all defaults, lambda_adv = 0 | - |
 
-Every adaptation row starts from the source_only checkpoint of the same seed and runs 300
+Every adaptation row starts from the source_only checkpoint of the same seed and runs 900
 iterations with the paper's lambda_adv = 5e-4, mu = 0.1 and single-level output-space D
 (discriminators at ndf 16, the ``study-cpu`` preset). The baseline of the Δ column is
 no_weighting, as the paper's Table 3 reads. The paper's baseline is MRNet (memory
 regularisation), which is not part of this platform: here the unweighted row is plain
 output-space adversarial adaptation (AdaptSegNet, single level, D logits upsampled to the
-input size). Whether the maps help at this scale is a finding, not a target.
+input size). ``adv_lambda0`` runs the full method's schedule with lambda_adv = 0 (the
+discriminators train, the segmenter gets no adversarial gradient): the gain of an
+adaptation row over it is what the adversarial terms add, not the extra iterations. Whether
+the maps help at this scale is a finding, not a target.
 
 Run time (measured at study-cpu, 1 thread): source-only 0.08 s/iter, unweighted and GenMap
 rows ~0.17 s/iter, + DisMap ~0.3 s/iter; 15 trials with ~15-20 s Ray overhead each, 2 at a
-time: about 2 minutes for the source-only stage and 9-10 minutes for the 12 adaptation trials.
+time: at the earlier, 3x shorter stages about 2 minutes for the source-only stage and 9-10
+minutes for the 12 adaptation trials; 3x that now, plus the control row.
+
+Protocol: the papers' (``PAPER_PROTOCOL``, studies/README.md "Protocol": the embedded
+ImageNet stand-in's encoder, BatchNorm frozen at its statistics), stages 3x the earlier
+tables' lengths. ``--variant shared_bn``: the earlier tables' regime as
+the control (random init, shared BatchNorm), recorded as ``<study>-shared_bn``.
 """
 
-from uda_ray.study import Row, Study
+from uda_ray.study import PAPER_PROTOCOL, SHARED_BN, Row, Study
 
-ADAPT = {"run.iterations": 300}
+ADAPT = {"run.iterations": 900}
 
 STUDY = Study(
     name="pww_table3",
-    base={"preset": "study-cpu"},
+    base={"preset": "study-cpu", **PAPER_PROTOCOL},
     rows=[
-        Row("source_only", "source_only", set={"run.iterations": 400}),
+        Row("source_only", "source_only", set={"run.iterations": 1200}),
         Row("no_weighting", "pww", init_from="source_only",
             set={**ADAPT, "pww.genmap": False, "pww.dismap": False}),
         Row("genmap_T1", "pww", init_from="source_only",
@@ -44,11 +54,13 @@ STUDY = Study(
             set={**ADAPT, "pww.genmap": True, "pww.T": 0.9, "pww.dismap": False}),
         Row("genmap_T09_dismap", "pww", init_from="source_only",
             set={**ADAPT, "pww.genmap": True, "pww.T": 0.9, "pww.dismap": True}),
+        Row("adv_lambda0", "pww", init_from="source_only", set={**ADAPT, "pww.lambda_adv": 0.0}),
     ],
     seeds=(0, 1, 2),
     baseline="no_weighting",
     max_concurrent=2,
     smoke={"run.iterations": 2},
+    variants={"shared_bn": SHARED_BN},
 )
 
 if __name__ == "__main__":
