@@ -2,7 +2,7 @@
 embedded benchmark: source only, self-training, then the curriculum's three components
 added one at a time, 3 seeds.
 
-    uda-ray study studies/curriculum_table1.py              # about 35 minutes on 2 CPU cores (estimated)
+    uda-ray study studies/curriculum_table1.py              # about 26 minutes on 2 idle CPU cores (measured)
     uda-ray study studies/curriculum_table1.py --smoke-test
 
 Rows (all the ``curriculum`` method on the same two-decoder model, ``tiny_ppm`` with
@@ -45,7 +45,7 @@ pixel accuracy):
 
 Expected run time: 5 rows x 3 seeds x (900 x ~0.2 s + ~10 s of evaluation), 2 trials at a
 time, plus the pretraining on first use (about 2.5 minutes): about 35 minutes on 2 idle
-cores. The numbers here are about this platform and benchmark, not the paper's: whether
+cores estimated; 26 minutes measured (the ADE20k stand-in's weights built on first use). The numbers here are about this platform and benchmark, not the paper's: whether
 each component helps is a finding, not a target.
 """
 
