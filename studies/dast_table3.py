@@ -15,12 +15,17 @@ Rows (every adaptation row starts from the ``source_only`` checkpoint of its see
 | mse_2d | x | x | - | 37.2 / 43.9 |
 | da | x | x | x | 38.8 / 44.8 ("Ours (DA)") |
 | da_no_test_attention | the ``da`` checkpoint evaluated with ``dast.test_attention=false`` | | | - |
+| adv_lambda0 | - | - | - | - (the control: trained as long, lambda_d = lambda_c = 0) |
 
 "2D" is the discoverer D aligning the intermediate features as a second discriminator,
 without attention; "+Atten." makes alpha = |D(f_t)| reweight f_t (residual tanh attention)
 and the corrector's target loss. The released code applies the attention to target images
 at test time as well (our default); ``da_no_test_attention`` measures what that choice is
 worth without retraining (``run.iterations=0`` only evaluates ``da``'s checkpoint).
+``adv_lambda0`` is the control the other tables have: ``baseline``'s schedule with no
+adversarial gradient (lambda_d = lambda_c = 0), so the segmenter trains 900 more iterations
+on the source alone (BatchNorm is frozen: target images change nothing) and every row's gain
+over it is what the adversarial terms add beyond training longer.
 
 The paper's baseline is AdaptSegNet ("Our baseline model is AdaptSegNet (Tsai et al.
 2018)", Tables 1 and 2): one output-space discriminator, BCE, at AdaptSegNet's weight
@@ -60,6 +65,9 @@ STUDY = Study(
                    **({"dast.lambda_c": BASELINE_LAMBDA_C} if name == "baseline" else {})})
           for name, (mse, two, att) in SWITCHES.items()),
         Row("da_no_test_attention", "dast", init_from="da", set={"run.iterations": 0, "dast.test_attention": False}),
+        Row("adv_lambda0", "dast", init_from="source_only",
+            set={**ADAPT, "dast.mse": False, "dast.two_disc": False, "dast.attention": False,
+                 "dast.lambda_c": 0.0, "dast.lambda_d": 0.0}),
     ],
     seeds=(0, 1, 2),
     baseline="baseline",

@@ -194,6 +194,9 @@ def test_table3_baseline_is_adaptsegnet_at_its_output_space_weight():
     assert base["dast.lambda_c"] == 0.001
     for name in ("mse", "mse_2d", "da"):
         assert rows[name]["dast.lambda_c"] == 0.01, name
+    control = rows["adv_lambda0"]  # trained as long as the adaptation rows, no adversarial gradient
+    assert (control["dast.lambda_c"], control["dast.lambda_d"]) == (0.0, 0.0)
+    assert control["run.iterations"] == rows["da"]["run.iterations"]
 
 
 def test_class_balanced_pseudo_labels_cap_thresholds_as_the_release(data_root, tmp_path):
