@@ -224,3 +224,24 @@ def test_fit_every_switch_combination(data_root, tmp_path, jal, wtm1, wtm2, wtm_
             assert not torch.equal(w, torch.eye(w.shape[0]).view_as(w))
         else:
             assert key not in state["modules"].get("wtm", {})
+
+
+def test_search_spaces_keep_the_papers_ratios_and_their_bounds():
+    """Both spaces of jal_search tie each low-level weight to a fifth of its high-level one;
+    the near space stays at or below 3x the paper's 1e-3, the wide one reaches 1."""
+    import optuna
+
+    study = load_study(STUDIES / "jal_search.py")
+    spaces = {row.name: row.space for row in study.rows if row.space is not None}
+    assert set(spaces) == {"jal_search", "jal_search_near"}
+    for name, hi in (("jal_search", 1.0), ("jal_search_near", 3e-3)):
+        for corner in (1e-4, hi):
+            params = {"jal.lambda_adv2": corner, "jal.lambda_adv_jal": corner, "jal.lambda_adv_wtm2": corner}
+            tied = spaces[name](optuna.trial.FixedTrial(params))
+            assert tied == {"jal.lambda_adv1": pytest.approx(corner / 5), "jal.lambda_adv_wtm1": pytest.approx(corner / 5)}
+        search = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(200):
+            trial = search.ask()
+            spaces[name](trial)
+            assert all(1e-4 <= v <= hi for v in trial.params.values()), (name, trial.params)
+        assert max(max(t.params.values()) for t in search.trials) > hi / 3  # reaches near its top
