@@ -116,3 +116,35 @@ def test_a_circular_init_from_is_refused_when_the_study_is_built():
 
     with pytest.raises(ValueError, match="circular init_from"):
         Study(name="x", rows=[Row("a", "source_only", init_from="b"), Row("b", "source_only", init_from="a")])
+
+
+def _wide(trial):
+    trial.suggest_float("adaptseg.lambda_adv_main", 1e-4, 1.0, log=True)
+    if trial.suggest_categorical("adaptseg.gan", ["vanilla", "ls"]) == "ls":
+        trial.suggest_float("adaptseg.lr_d", 1e-5, 1e-3, log=True)
+
+
+def _near(trial):
+    trial.suggest_float("adaptseg.lambda_adv_main", 1e-4, 3e-3, log=True)
+    if trial.suggest_categorical("adaptseg.gan", ["vanilla", "ls"]) == "ls":
+        trial.suggest_float("adaptseg.lr_d", 1e-5, 1e-3, log=True)
+
+
+def test_a_search_refuses_stored_trials_of_another_space(tmp_path):
+    """Stored trials count towards num_samples and compete for the best: after an edit of
+    the row's space the study names the changed parameter instead of mixing the two."""
+    import optuna
+
+    from uda_ray.errors import UserError
+    from uda_ray.study import Row, _check_stored_space
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    st = optuna.create_study(study_name="s.search", storage=storage, direction="maximize",
+                             sampler=optuna.samplers.RandomSampler(seed=1))
+    st.optimize(lambda t: (_wide(t), 0.5)[1], n_trials=6)
+    assert {t.params["adaptseg.gan"] for t in st.trials} == {"vanilla", "ls"}  # both branches stored
+    _check_stored_space(Row("search", "adaptseg", space=_wide), "s.search", storage)  # same space: goes on
+    _check_stored_space(Row("search", "adaptseg", space=_near), "s.other", storage)  # nothing stored there
+    with pytest.raises(UserError, match=r"search row search: .*adaptseg.lambda_adv_main: stored 0.0001..1 log, "
+                                        r"now 0.0001..0.003 log"):
+        _check_stored_space(Row("search", "adaptseg", space=_near), "s.search", storage)

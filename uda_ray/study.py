@@ -563,6 +563,7 @@ def _search_plan(study: Study, row: Row, seeds, smoke: bool, record: StudyRecord
     optuna_name = f"{ctx['study']}.{row.name}"
     record.client.set_tag(record.parent_id, "optuna_storage", storage)
     keys = sorted(_space_keys(row.space))
+    _check_stored_space(row, optuna_name, storage)
     record.client.set_tag(record.parent_id, f"search_space.{row.name}", ",".join(keys))
 
     def make():
@@ -597,6 +598,49 @@ def _completed(name: str, storage: str) -> list:
     except KeyError:
         return []
     return [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+
+
+def _check_stored_space(row: Row, name: str, storage: str) -> None:
+    """Refuse to continue a search whose stored trials came from another space.
+
+    The completed trials in the study's Optuna storage count towards ``num_samples`` and
+    compete for the best; after an edit of the row's space they would be mixed silently with
+    the new space's. Each stored trial's parameters are replayed through the current space
+    (enqueued on a throwaway in-memory study, so conditional parameters are asked as the
+    space asks them) and its recorded distributions must equal the ones the space gives now.
+
+    Raises:
+        UserError: naming the row, the parameter and both distributions.
+    """
+    import warnings
+
+    import optuna
+
+    from .errors import UserError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for stored in _completed(name, storage):
+        probe = optuna.create_study()
+        probe.enqueue_trial(stored.params, skip_if_exists=False)
+        trial = probe.ask()
+        with warnings.catch_warnings():  # a stored value outside the edited range: reported below
+            warnings.simplefilter("ignore")
+            row.space(trial)
+        now, then = trial.distributions, stored.distributions
+        for key in sorted(set(now) | set(then)):
+            if now.get(key) != then.get(key):
+                raise UserError(
+                    f"search row {row.name}: its Optuna storage {storage.removeprefix('sqlite:///')} holds trials of "
+                    f"another search space ({key}: stored {_dist(then.get(key))}, now {_dist(now.get(key))}); "
+                    f"give the edited search a new row name, or delete that storage to search anew")
+
+
+def _dist(d) -> str:
+    if d is None:
+        return "absent"
+    if hasattr(d, "low"):
+        return f"{d.low:g}..{d.high:g}{' log' if getattr(d, 'log', False) else ''}"
+    return repr(d)
 
 
 def _space_keys(space: Callable) -> list[str]:
