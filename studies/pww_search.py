@@ -2,7 +2,7 @@
 with both maps on, the best re-run over 3 seeds next to the paper's defaults, on the
 embedded benchmark at ``study-cpu``.
 
-    uda-ray study studies/pww_search.py                 # about 39 minutes on 2 CPU cores (estimated: 3x the stages of the earlier 13-minute run)
+    uda-ray study studies/pww_search.py                 # 45 minutes on 2 idle CPU cores (measured)
     uda-ray study studies/pww_search.py --smoke-test    # 2 iterations, 1 seed, 2 trials
 
 Rows:
@@ -16,9 +16,10 @@ Rows:
   val), then the best re-run over seeds 0, 1, 2.
 
 Every adaptation trial runs 900 iterations from the source_only checkpoint of its seed with
-discriminators at ndf 16. Run time (measured at study-cpu, 1 thread, ~0.3 s/iter with both
-maps): source-only stage about 2 minutes; 6 search trials and 6 re-runs, 2 at a time, about
-11 minutes.
+discriminators at ndf 16. Run time (measured on 2 idle cores, 45.3 minutes): the three
+source-only runs about 4.5 minutes, then 12 adaptation trials of 900 iterations (the paper's
+row, 6 search trials, the best's 3 re-runs and seed 0's re-run of the best trial's config),
+2 at a time, about 7 minutes each. Findings: studies/README.md.
 
 Protocol: the papers' (``PAPER_PROTOCOL``, studies/README.md "Protocol": the embedded
 ImageNet stand-in's encoder, BatchNorm frozen at its statistics), stages 3x the earlier
