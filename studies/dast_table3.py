@@ -1,7 +1,7 @@
 """DAST Table 3 (the ablation of the discriminator attention) on the embedded benchmark, 3
 seeds, plus the test-time attention switch of the released code.
 
-    uda-ray study studies/dast_table3.py                # about 54 minutes on 2 CPU cores (estimated: 3x the stages of the earlier 18-minute run)
+    uda-ray study studies/dast_table3.py                # 31 minutes on 2 idle CPU cores (measured)
     uda-ray study studies/dast_table3.py --smoke-test
 
 Rows (every adaptation row starts from the ``source_only`` checkpoint of its seed and runs
