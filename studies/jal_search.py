@@ -3,7 +3,7 @@ embedded benchmark at the ``study-cpu`` preset: 6 trials on seed 0, selected on 
 selection split (``sel/mIoU``), then the best re-run over 3 seeds, beside the paper's
 defaults.
 
-    uda-ray study studies/jal_search.py               # about 45 minutes on 2 CPU cores (estimated: 3x the stages of the earlier 12-15 minute run)
+    uda-ray study studies/jal_search.py               # 45 minutes on 2 idle CPU cores (measured)
     uda-ray study studies/jal_search.py --smoke-test  # 2 iterations, one seed, 2 search trials
 
 Rows:
