@@ -44,9 +44,10 @@ pixel accuracy):
     Target labels          96.0 71.9  88.4 32.4 47.6  43.6 42.3 57.9 89.3 57.1 91.1 70.4 33.6 88.2 34.2 53.2 44.0 20.1 64.9 | 59.3 93.2
 
 Expected run time: 5 rows x 3 seeds x (900 x ~0.2 s + ~10 s of evaluation), 2 trials at a
-time, plus the pretraining on first use (about 2.5 minutes): about 35 minutes on 2 idle
-cores estimated; 26 minutes measured (the ADE20k stand-in's weights built on first use). The numbers here are about this platform and benchmark, not the paper's: whether
-each component helps is a finding, not a target.
+time, plus the pretraining on first use (about 2.5 minutes): estimated 35 minutes on 2 idle
+cores, measured 26 (the ADE20k stand-in's weights built on first use). The numbers here are
+about this platform and benchmark, not the paper's: whether each component helps is a
+finding, not a target.
 """
 
 from uda_ray.study import CURRICULUM_PROTOCOL, SHARED_BN, Row, Study

@@ -118,16 +118,16 @@ def test_a_circular_init_from_is_refused_when_the_study_is_built():
         Study(name="x", rows=[Row("a", "source_only", init_from="b"), Row("b", "source_only", init_from="a")])
 
 
-def _wide(trial):
-    trial.suggest_float("adaptseg.lambda_adv_main", 1e-4, 1.0, log=True)
-    if trial.suggest_categorical("adaptseg.gan", ["vanilla", "ls"]) == "ls":
-        trial.suggest_float("adaptseg.lr_d", 1e-5, 1e-3, log=True)
+def _space(hi: float):
+    """An adaptseg space up to ``hi``, with a conditional parameter."""
+    def space(trial):
+        trial.suggest_float("adaptseg.lambda_adv_main", 1e-4, hi, log=True)
+        if trial.suggest_categorical("adaptseg.gan", ["vanilla", "ls"]) == "ls":
+            trial.suggest_float("adaptseg.lr_d", 1e-5, 1e-3, log=True)
+    return space
 
 
-def _near(trial):
-    trial.suggest_float("adaptseg.lambda_adv_main", 1e-4, 3e-3, log=True)
-    if trial.suggest_categorical("adaptseg.gan", ["vanilla", "ls"]) == "ls":
-        trial.suggest_float("adaptseg.lr_d", 1e-5, 1e-3, log=True)
+_wide, _near = _space(1.0), _space(3e-3)
 
 
 def test_a_search_refuses_stored_trials_of_another_space(tmp_path):

@@ -619,8 +619,8 @@ def _check_stored_space(row: Row, name: str, storage: str) -> None:
     from .errors import UserError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    probe = optuna.create_study()
     for stored in _completed(name, storage):
-        probe = optuna.create_study()
         probe.enqueue_trial(stored.params, skip_if_exists=False)
         trial = probe.ask()
         with warnings.catch_warnings():  # a stored value outside the edited range: reported below
