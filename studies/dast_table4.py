@@ -1,7 +1,7 @@
 """DAST Table 4 (the pseudo-label portion q of self-training) and DA-only vs DAST on the
 embedded benchmark, 3 seeds.
 
-    uda-ray study studies/dast_table4.py                # about 66 minutes on 2 CPU cores (estimated: 3x the stages of the earlier 22-minute run)
+    uda-ray study studies/dast_table4.py                # 37 minutes on 2 idle CPU cores (measured)
     uda-ray study studies/dast_table4.py --smoke-test
 
 Rows:

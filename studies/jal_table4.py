@@ -2,7 +2,7 @@
 learning (JAL) and the weight transfer module (WTM) on two-level AdaptSegNet, 3 seeds, on
 the embedded benchmark at the ``study-cpu`` preset.
 
-    uda-ray study studies/jal_table4.py               # about 45 minutes on 2 CPU cores (estimated: 3x the stages of the earlier 12-15 minute run)
+    uda-ray study studies/jal_table4.py               # 48 minutes on 2 CPU cores (measured, partly sharing them with a test run)
     uda-ray study studies/jal_table4.py --smoke-test  # 2 iterations per row, one seed
 
 Rows (every adaptation row starts from the ``source_only`` checkpoint of the same seed and
