@@ -15,7 +15,9 @@ Rows, with the paper's GTA5 -> Cityscapes mIoU (ResNet-101) beside them:
 | mul_adv_proxy_ms | multi-scale inference of mul_adv_proxy | x | x | x | x | 50.4 |
 
 Controls (not in the paper's table): ``adabn`` re-estimates the source model's BatchNorm
-statistics on the target (no training), ``adapt_no_adv`` runs the adaptation stage's 600
+statistics on the target (no training), ``adabn_encoder`` the encoder's only
+(``adabn.scope=encoder``: under frozen BN the decoder's are the identity the model trained
+with, and re-estimating them rescales its activations), ``adapt_no_adv`` runs the adaptation stage's 600
 iterations without discriminators (source only, no target images), ``adv_lambda0`` the
 ``adv`` row with lambda_adv1 = 0 (target images through the shared BatchNorm and D1
 trained, but no adversarial gradient reaches the segmenter): together they show how much
@@ -60,6 +62,7 @@ STUDY = Study(
         # Controls, not in the paper: what the adaptation stage's gain is made of, and the
         # proxies with the paper's other initialisation (fine-tuning the adapted model).
         Row("adabn", "adabn", init_from="source_only"),
+        Row("adabn_encoder", "adabn", init_from="source_only", set={"adabn.scope": "encoder"}),
         Row("adapt_no_adv", "mat", init_from="source_only", set={**ADAPT, "mat.adv": False, "mat.mul_adv": False}),
         Row("adv_lambda0", "mat", init_from="source_only",
             set={**ADAPT, "mat.adv": True, "mat.mul_adv": False, "mat.lambda_adv1": 0.0}),

@@ -105,6 +105,21 @@ def test_adabn_reestimates_target_statistics_from_a_source_checkpoint(data_root,
         fit(tiny_cfg(data_root, tmp_path, "adabn", **{"run.name": "adabn2"}))
 
 
+def test_adabn_encoder_scope_keeps_the_decoder_statistics(data_root, tmp_path):
+    arch = {"model.arch": "mat_tiny", "run.iterations": 2}
+    src = fit(tiny_cfg(data_root, tmp_path, "source_only", **{"run.name": "src", **arch}))
+    before = load_checkpoint_file(src.run_dir)["modules"]["model"]
+    cfg = tiny_cfg(data_root, tmp_path, "adabn", **{"run.name": "enc", "run.init_from": str(src.run_dir),
+                                                     "model.arch": "mat_tiny", "adabn.scope": "encoder"})
+    after = load_checkpoint_file(fit(cfg).run_dir)["modules"]["model"]
+    means = [k for k in before if k.endswith("running_mean")]
+    encoder = [k for k in means if k.startswith("backbone.")]
+    decoder = [k for k in means if not k.startswith("backbone.")]
+    assert encoder and decoder
+    assert all(not torch.equal(before[k], after[k]) for k in encoder)
+    assert all(torch.equal(before[k], after[k]) for k in decoder)
+
+
 def test_multi_level_switch_needs_an_aux_head(data_root, tmp_path):
     with pytest.raises(ConfigError, match="adaptseg.multi_level: needs model.multi_level"):
         fit(tiny_cfg(data_root, tmp_path, "adaptseg", **{"model.multi_level": False}))

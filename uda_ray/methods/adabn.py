@@ -15,6 +15,9 @@ from .base import Method
 @dataclass
 class AdaBNConfig:
     batches: int = knob(0, "target batches for the re-estimation (0 = one pass over the target train set)", lo=0)
+    scope: str = knob("all", "the BatchNorm layers re-estimated: all of them (Li et al.), or the encoder's "
+                      "only (the decoder keeps its trained statistics: the control for frozen BN, where "
+                      "only the encoder's came from pretraining)", choices=("all", "encoder"))
 
 
 class AdaBN(Method):
@@ -33,4 +36,5 @@ class AdaBN(Method):
         images = (b["image"] for b in itertools.islice(target_batches, n))
         # Per-domain BN: re-estimate the target statistics only; otherwise the shared ones.
         domain = "target" if self.cfg.model.bn == "per_domain" else None
-        reestimate_bn(self.model, images, domain=domain)
+        within = self.model.backbone if self.p.scope == "encoder" else None
+        reestimate_bn(self.model, images, domain=domain, within=within)

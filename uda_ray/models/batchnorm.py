@@ -234,7 +234,8 @@ def _images(batch: Any) -> Tensor:
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: Iterable[Any], domain: str | None = None) -> int:
+def reestimate_bn(model: nn.Module, batches: Iterable[Any], domain: str | None = None,
+                  within: nn.Module | None = None) -> int:
     """Reset and re-estimate BN running statistics on ``batches`` (AdaBN).
 
     Statistics are the cumulative average over all batches (``momentum=None``), computed
@@ -248,6 +249,8 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], domain: str | None =
             dicts with key "image"; moved to the model's device.
         domain: for per-domain BN, the domain whose statistics are re-estimated (required
             there); ignored otherwise.
+        within: re-estimate only the BN layers inside this submodule of ``model`` (e.g. its
+            encoder); the others keep their statistics. ``model`` still runs whole.
 
     Returns:
         The number of batches used.
@@ -255,7 +258,8 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], domain: str | None =
     Raises:
         ValueError: no batches, or a per-domain model without ``domain``.
     """
-    layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, DomainBatchNorm2d))]
+    layers = [m for m in (model if within is None else within).modules()
+              if isinstance(m, (nn.BatchNorm2d, DomainBatchNorm2d))]
     per_domain = any(isinstance(m, DomainBatchNorm2d) for m in layers)
     if per_domain and domain is None:
         raise ValueError("per-domain BN: pass domain='source' or 'target' to reestimate_bn")
