@@ -14,6 +14,10 @@ Rows:
 - pww_search: 6 Optuna trials on seed 0 over lambda_adv (log 1e-4 .. 1), T (0.5 .. 1.0)
   and mu (log 0.01 .. 1), selected on the selection split (sel/mIoU, never the reported
   val), then the best re-run over seeds 0, 1, 2.
+- uniform_matched: the control for the search's pick, the unweighted loss (no GenMap, no
+  DisMap) at lambda_adv = 1e-3, the pick's lambda_adv x its mean pixel weight (1.9e-3 x 0.54,
+  studies/README.md): what the maps' placement adds beyond scaling lambda_adv, at the
+  search's scale (PWW Table 3's ``uniform_matched`` asks it at the paper's).
 
 Every adaptation trial runs 900 iterations from the source_only checkpoint of its seed with
 discriminators at ndf 16. Run time (measured on 2 idle cores, 45.3 minutes): the three
@@ -48,6 +52,10 @@ STUDY = Study(
         Row("source_only", "source_only", set={"run.iterations": 1200}),
         Row("pww", "pww", init_from="source_only", set=ADAPT),
         Row("pww_search", "pww", init_from="source_only", set=ADAPT, space=pww_space, num_samples=6),
+        # The search's pick (lambda_adv 1.9e-3, mean pixel weight 0.54 under the papers'
+        # protocol) as one uniform weight: the control added after the search ran.
+        Row("uniform_matched", "pww", init_from="source_only",
+            set={**ADAPT, "pww.genmap": False, "pww.dismap": False, "pww.lambda_adv": 1e-3}),
     ],
     seeds=(0, 1, 2),
     baseline="source_only",
