@@ -1,8 +1,24 @@
-"""Shared fixtures: a tiny data tree in the real layouts (GTA5 source, Cityscapes target)."""
+"""Shared fixtures: a tiny data tree in the real layouts (GTA5 source, Cityscapes target), and
+uda-ray's cache (``UDA_RAY_CACHE``) in a temporary folder for the whole session."""
+
+import os
 
 import pytest
 
 import trees
+
+
+@pytest.fixture(scope="session", autouse=True)
+def uda_ray_cache(tmp_path_factory):
+    """Tests never write into the real ~/.cache; one folder for the session, so what a test
+    builds on first use (pretrained weights) serves the later ones too."""
+    old = os.environ.get("UDA_RAY_CACHE")
+    os.environ["UDA_RAY_CACHE"] = str(tmp_path_factory.mktemp("uda-ray-cache"))
+    yield os.environ["UDA_RAY_CACHE"]
+    if old is None:
+        os.environ.pop("UDA_RAY_CACHE", None)
+    else:
+        os.environ["UDA_RAY_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

@@ -199,3 +199,197 @@ def test_config_lists_every_key_with_type_value_range_and_help(capsys):
     assert main(["config"]) == 0  # every method's section
     every = capsys.readouterr().out
     assert "dast.lambda_c " in every and "pww.T " in every
+
+
+# --- input that used to be accepted silently --------------------------------------------------
+
+def _yaml(tmp_path, text: str, name: str = "cfg.yaml"):
+    p = tmp_path / name
+    # a data root that does not exist: a config that gets past the checks fails there instead
+    p.write_text(text + f"data.root: {tmp_path / 'nodata'}\ndata.synth: false\n")
+    return p
+
+
+def test_method_flag_contradicting_the_config_is_refused(tmp_path, capsys):
+    from uda_ray.cli import _resolve_config, build_parser
+
+    p = _yaml(tmp_path, "method: mat\n")
+    one_line(*run(capsys, "train", p, "--method", "adaptseg", "--no-mlflow"),
+             str(p), "method 'mat'", "--method 'adaptseg'")
+    cfg, _ = _resolve_config(build_parser().parse_args(["train", str(p), "--method", "mat"]))  # the same: fine
+    assert cfg.method == "mat"
+    cfg, _ = _resolve_config(build_parser().parse_args(["train", str(_yaml(tmp_path, "", "bare.yaml")),
+                                                        "--method", "adaptseg"]))
+    assert cfg.method == "adaptseg"  # a file without a method takes --method's
+    rd = tmp_path / "runs" / "r"  # a run directory's config.yaml
+    rd.mkdir(parents=True)
+    (rd / "config.yaml").write_text("method: mat\n")
+    one_line(*run(capsys, "train", rd, "--method", "source_only", "--no-mlflow"),
+             str(rd / "config.yaml"), "method 'mat'", "--method 'source_only'")
+
+
+@pytest.mark.parametrize("text, lines", [
+    ("method: source_only\nrun:\n  seed: 1\nrun:\n  seed: 2\n", (2, 4)),
+    ("method: source_only\nrun.seed: 1\nrun.iterations: 3\nrun.seed: 2\n", (2, 4)),
+    ("method: source_only\nrun:\n  seed: 1\nrun.seed: 2\n", (3, 4)),
+    ("method: source_only\nrun:\n  seed: 1\n  iterations: 2\n  seed: 2\n", (3, 5)),
+])
+def test_duplicate_yaml_keys_name_the_key_and_both_lines(tmp_path, capsys, text, lines):
+    p = _yaml(tmp_path, text)
+    key = "run" if text.count("run:") == 2 else "run.seed"
+    one_line(*run(capsys, "train", p, "--no-mlflow"), str(p), f"{key} is set twice",
+             f"lines {lines[0]} and {lines[1]}")
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    from uda_ray.config import load_config
+
+    p = _yaml(tmp_path, "method: source_only\nrun:\n  <<: {seed: 1, iterations: 3}\n  seed: 2\n")
+    assert load_config(p).run.seed == 2
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "a\\b", ".", ".."])
+def test_run_name_is_one_plain_folder_name(tmp_path, capsys, name):
+    one_line(*train(capsys, tmp_path, "--set", f"run.name={name}"), "run.name: expected one folder name")
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_blank_run_name_is_refused_and_empty_is_the_default():
+    from uda_ray.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="run.name: expected one folder name"):
+        build_config({"run.name": "  "}, method="source_only")
+    assert build_config({"run.name": ""}, method="source_only").run_name == "source_only-s0"
+
+
+@pytest.mark.parametrize("bins", ["a,b", "1,,2", "0,1", "-1", "1.5"])
+def test_ppm_bins_are_checked_for_every_arch(tmp_path, capsys, bins):
+    one_line(*train(capsys, tmp_path, "--set", f"model.ppm_bins={bins}"),
+             "model.ppm_bins: expected comma-separated positive integers", repr(bins))
+
+
+# --- study definitions: one line, before Ray starts -------------------------------------------
+
+STUDY_HEAD = ("from uda_ray.study import Row, Study\n"
+              "BASE = {'preset': 'tiny-cpu', 'data.synth': False, 'data.root': 'nowhere'}\n")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """The study errors are found at load: Ray must never start."""
+    from uda_ray import distributed
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(distributed, "init_ray", refuse)
+
+
+@pytest.mark.parametrize("rows, extra, needles", [
+    ("Row('a', 'source_only'), Row('b', 'adabn', init_from='nope')", "",
+     ("row b starts from unknown row 'nope'",)),
+    ("Row('a', 'adabn', init_from='b'), Row('b', 'adabn', init_from='a')", "", ("circular init_from",)),
+    ("Row('a', 'adabn', init_from='a')", "", ("row a starts from itself",)),
+    ("Row('a', 'source_only'), Row('a', 'adabn')", "", ("duplicate row names",)),
+    ("Row('a', 'source_only')", ", baseline='z'", ("baseline 'z' is not a row",)),
+])
+def test_study_definition_errors_are_one_line(tmp_path, capsys, no_ray, rows, extra, needles):
+    p = tmp_path / "bad_study.py"
+    p.write_text(STUDY_HEAD + f"STUDY = Study(name='bad', base=BASE, rows=[{rows}]{extra})\n")
+    one_line(*run(capsys, "study", p, "--out", tmp_path / "runs"), f"{p}: study bad: ", *needles)
+
+
+def test_study_syntax_error_names_the_file_and_line(tmp_path, capsys, no_ray):
+    p = tmp_path / "broken.py"
+    p.write_text(STUDY_HEAD + "STUDY = Study(name='x', base=BASE,\n    rows=[Row('a' 'source_only')]]\n")
+    one_line(*run(capsys, "study", p, "--out", tmp_path / "runs"), f"{p}:4: syntax error: ")
+
+
+def test_study_errors_stay_value_errors():
+    from uda_ray.study import Row, Study
+
+    with pytest.raises(ValueError, match="duplicate row names"):
+        Study(name="x", rows=[Row("a", "source_only"), Row("a", "source_only")])
+
+
+# --- MLflow URIs --------------------------------------------------------------------------------
+
+def test_unsupported_tracking_uri_is_one_line(tmp_path, capsys, no_ray):
+    needles = ("garbage://x", "sqlite:///", "http")
+    p = tmp_path / "ok_study.py"
+    p.write_text(STUDY_HEAD + "STUDY = Study(name='ok', base=BASE, rows=[Row('a', 'source_only')])\n")
+    one_line(*run(capsys, "study", p, "--out", tmp_path / "runs", "--tracking-uri", "garbage://x"), *needles)
+    one_line(*run(capsys, "compare", "quickstart", "--tracking-uri", "garbage://x", "--out", tmp_path), *needles)
+    tracked = [a for a in TINY if a != "--no-mlflow"]
+    one_line(*run(capsys, "train", "tiny-cpu", *tracked, "--set", f"run.out={tmp_path / 'runs'}",
+                  "--tracking-uri", "garbage://x"), *needles)
+    assert not (tmp_path / "runs").exists()  # refused before a run directory is made
+
+
+# --- pretrained weights that are not weights --------------------------------------------------
+
+def test_pretrained_file_that_is_not_weights(tmp_path, capsys):
+    import pickle
+
+    import torch
+
+    root = tree(tmp_path / "data")
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights\n")
+    pkl = tmp_path / "obj.pkl"
+    pkl.write_bytes(pickle.dumps({"a": {1, 2}}))
+    lst = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], lst)
+    for f in (text, pkl, lst):
+        one_line(*train(capsys, tmp_path, "--set", f"data.root={root}", "--set", f"model.pretrained={f}",
+                        "--set", f"run.name={f.stem}"),
+                 f"model.pretrained: {f}", "a torch state dict of tensors")
+    other = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, other)
+    one_line(*train(capsys, tmp_path, "--set", f"data.root={root}", "--set", f"model.pretrained={other}",
+                    "--set", "run.name=other"),
+             f"model.pretrained: {other} does not fit the TinySeg backbone")
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+def test_a_batch_too_large_for_memory_is_refused_before_training(tmp_path, capsys):
+    import time
+
+    root = tree(tmp_path / "data")
+    t0 = time.perf_counter()
+    line = one_line(*train(capsys, tmp_path, "--set", f"data.root={root}", "--set", "data.crop_w=100000",
+                           "--set", "data.crop_h=100000", "--set", "run.name=huge"),
+                    "data.crop_w x data.crop_h = 100000x100000", "data.batch_size = 4", "available")
+    assert time.perf_counter() - t0 < 60, line
+    assert not list((tmp_path / "runs" / "huge").glob("checkpoints/*"))
+    assert train(capsys, tmp_path, "--set", f"data.root={root}", "--set", "data.crop_w=48",
+                 "--set", "data.crop_h=24", "--set", "run.name=fits")[0] == 0  # a tiny run still trains
+
+
+def test_out_of_memory_anywhere_is_one_line(capsys):
+    one_line(*run(capsys, "bench", "step", "--preset", "tiny-cpu", "--method", "source_only", "--warmup", "0",
+                  "--iters", "1", "--set", "data.source_w=200000", "--set", "data.source_h=200000"),
+             "out of memory", "data.source_w x data.source_h = 200000x200000")
+
+
+def test_out_of_memory_errors_are_recognised():
+    import numpy as np
+    from torch.utils.data import DataLoader, Dataset
+
+    from uda_ray.cli import _out_of_memory
+
+    class Huge(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return np.empty((10**6, 10**6, 3), np.float32)  # 12 TB: refused at once
+
+    with pytest.raises(MemoryError) as direct:
+        Huge()[0]
+    assert _out_of_memory(direct.value).startswith("Unable to allocate")
+    with pytest.raises(RuntimeError) as worker:  # numpy's error in a loader worker comes back as a RuntimeError
+        next(iter(DataLoader(Huge(), num_workers=1)))
+    assert _out_of_memory(worker.value).startswith("Unable to allocate")
+    assert _out_of_memory(ValueError("x")) is None

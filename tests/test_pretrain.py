@@ -95,7 +95,7 @@ def test_one_encoder_loads_into_every_small_model_with_frozen_bn_at_its_statisti
     assert not bn.training and not bn.weight.requires_grad
 
 
-def test_embedded_names_the_cache_of_the_benchmark_and_only_for_the_small_encoder(tmp_path):
+def test_embedded_is_only_for_the_small_encoder_on_the_embedded_benchmark(tmp_path):
     cfg = build_config({"preset": "study-cpu", "model.arch": "deeplabv2_r101", "model.pretrained": "embedded"},
                        method="source_only")
     with pytest.raises(ConfigError, match="model.pretrained=embedded.*tiny, tiny_ppm, mat_tiny"):
@@ -112,9 +112,41 @@ def test_pretrain_cli_writes_another_recipe_elsewhere_and_refuses_it_for_the_cac
     out = capsys.readouterr().out
     assert rc == 0 and str(pretrain.weights_file(tmp_path / "mine", "embedded").resolve()) in out
     assert pretrain.describe(pretrain.weights_file(tmp_path / "mine", "embedded"))["recipe"]["iterations"] == 1
-    rc = main(["pretrain", "--data-root", str(tmp_path / "synth"), "--iterations", "5"])
+    rc = main(["pretrain", "--iterations", "5"])
     err = capsys.readouterr().err
     assert rc == 2 and "--iterations" in err and "--out" in err and len(err.strip().splitlines()) == 1
+    assert str(pretrain.pretrain_root()) in err  # the cache model.pretrained=embedded loads
+    # the cache's old place under a data root is refused, not silently ignored
+    rc = main(["pretrain", "--data-root", str(tmp_path / "synth")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--data-root" in err and "UDA_RAY_CACHE" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "synth").exists()
+
+
+def test_embedded_weights_live_in_the_cache_and_nothing_is_written_into_or_beside_the_benchmark(
+        small_weights, tmp_path, monkeypatch):
+    from uda_ray import cache, engine
+    from uda_ray.data import synth
+
+    monkeypatch.setenv("UDA_RAY_CACHE", str(tmp_path / "cache"))
+    assert pretrain.pretrain_root() == (tmp_path / "cache" / "pretrain").resolve()
+    # The cache as a first use with the defaults leaves it (that build takes minutes): the weights
+    # file with the record of the default recipe and data, so nothing is trained here.
+    _, cls, _ = small_weights
+    state = torch.load(cls, weights_only=True)["state_dict"]
+    want = {"kind": "embedded", "recipe": pretrain.RECIPES["embedded"], "data": sp.params(0),
+            "torch": torch.__version__.split("+")[0]}
+    pretrain._save(pretrain.weights_file(pretrain.pretrain_root(), "embedded"), state, want)
+    root = tmp_path / "X" / "synth"
+    synth.generate(root, n_source=1, n_target=2, n_val=1, workers=1)
+    before = sorted(p.relative_to(tmp_path / "X") for p in (tmp_path / "X").rglob("*"))
+    cfg = build_config({"preset": "study-cpu", "data.root": str(root), "model.pretrained": "embedded"},
+                       method="source_only")
+    engine.ensure_data(cfg)
+    path = pretrain.embedded_weights(cfg)
+    assert sorted(p.relative_to(tmp_path / "X") for p in (tmp_path / "X").rglob("*")) == before
+    assert path == pretrain.weights_file(cache.cache_dir() / "pretrain", "embedded") and path.is_file()
+    assert path.read_bytes() == pretrain.weights_file(tmp_path / "cache" / "pretrain", "embedded").read_bytes()
 
 
 def test_a_study_variant_sets_every_row_and_is_recorded_under_its_own_name():

@@ -226,8 +226,8 @@ def test_a_study_with_ray_train_fits_each_trial_with_a_torch_trainer(cluster, da
                      out=str(tmp_path / "out")) == 0
     runs = {r.data.tags["row"]: r for r in _child_runs(uri, "trainer")}
     assert {r.info.status for r in runs.values()} == {"FINISHED"}
-    # Ray Train's own run folder (named after the row x seed and its config hash) holds the checkpoint
-    assert f"trainer-a-s0-{runs['a'].data.tags['config_hash']}" in runs["a"].data.tags["checkpoint"]
+    # Ray Train's own run folder (named after the row x seed and its lineage) holds the checkpoint
+    assert f"trainer-a-s0-{runs['a'].data.tags['lineage']}" in runs["a"].data.tags["checkpoint"]
     assert runs["b"].data.params["run.init_from"] == runs["a"].data.tags["checkpoint"]
 
 
@@ -236,3 +236,146 @@ def test_ray_train_false_refuses_several_workers():
 
     with pytest.raises(ValueError, match="need Ray Train"):
         Study(name="x", rows=[Row("a", "source_only")], workers_per_trial=2, ray_train=False)
+
+
+def _by_row_seed(uri: str, study: str) -> dict:
+    """(row, seed) -> the FINISHED row run of a study."""
+    return {(r.data.tags["row"], r.data.tags["seed"]): r for r in _child_runs(uri, study)
+            if r.info.status == "FINISHED"}
+
+
+def test_an_edited_row_reruns_exactly_the_rows_downstream_of_it(cluster, data_root, tmp_path, capsys):
+    from dataclasses import replace
+
+    from uda_ray.compare import compare_study
+    from uda_ray.study import Row, Study, run_study
+
+    study = Study(name="edited", base=_study_base(data_root, tmp_path, **{"run.iterations": 2}), seeds=(0,),
+                  baseline="src", rows=[Row("src", "source_only"), Row("ad", "adaptseg", init_from="src"),
+                                        Row("other", "source_only", set={"optim.lr": 0.02})])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kw = dict(address=cluster.address, storage_path=str(tmp_path / "storage"), tracking_uri=uri,
+              out=str(tmp_path / "out"))
+    assert run_study(study, **kw) == 0
+    first = _by_row_seed(uri, "edited")
+    ad = first[("ad", "0")].data
+    # the record: the dependent row's lineage is its config over its parent's
+    assert ad.tags["parent_lineage"] == first[("src", "0")].data.tags["lineage"]
+    assert ad.tags["parent_run_id"] == first[("src", "0")].info.run_id
+    assert ad.params["run.init_from"] == first[("src", "0")].data.tags["checkpoint"]
+    capsys.readouterr()
+    # the source row edited: it and the row that starts from it train again; the other row is kept
+    edited = replace(study, rows=[replace(study.rows[0], set={"run.iterations": 3}), *study.rows[1:]])
+    assert run_study(edited, **kw) == 0
+    out = capsys.readouterr().out
+    assert "other s0: already finished, skipped" in out
+    assert "src s0: already finished" not in out and "ad s0: already finished" not in out
+    runs = [r for r in _child_runs(uri, "edited") if r.info.status == "FINISHED"]
+    src2 = max((r for r in runs if r.data.tags["row"] == "src"), key=lambda r: r.info.start_time)
+    ad2 = max((r for r in runs if r.data.tags["row"] == "ad"), key=lambda r: r.info.start_time)
+    assert src2.info.run_id != first[("src", "0")].info.run_id and ad2.info.run_id != first[("ad", "0")].info.run_id
+    assert ad2.data.tags["parent_run_id"] == src2.info.run_id
+    assert ad2.data.tags["parent_lineage"] == src2.data.tags["lineage"]
+    assert load_checkpoint_file(os.path.join(ad2.data.tags["checkpoint"], "last.pt"))["parent_lineage"] == \
+        src2.data.tags["lineage"]
+    # a third run skips every row of the edited study
+    assert run_study(edited, **kw) == 0
+    assert capsys.readouterr().out.count("already finished, skipped") == 3
+    # edited back: the first runs are the study's again, and compare reports them
+    assert run_study(study, **kw) == 0
+    assert capsys.readouterr().out.count("already finished, skipped") == 3
+    seeds = compare_study("edited", tracking_uri=uri, out_dir=tmp_path / "cmp", log_to_parent=False).seeds
+    counted = set(seeds[seeds["counted"]]["run_id"])
+    assert counted == {first[k].info.run_id for k in first}
+
+
+def test_a_dependent_row_records_its_parents_checkpoint_uri_and_leaves_no_copy(cluster, data_root, tmp_path):
+    """Storage given as a URI (as s3://... on a cluster; file:// here): a dependent row's
+    trial fetches its parent's checkpoint through it, records the URI (never the temporary
+    local copy) and deletes the copy."""
+    import glob
+    import tempfile
+
+    from uda_ray.study import Row, Study, run_study
+
+    copies = set(glob.glob(os.path.join(tempfile.gettempdir(), "uda-ray-init-*")))
+    study = Study(name="uri", base=_study_base(data_root, tmp_path, **{"run.iterations": 2}), seeds=(0, 1),
+                  rows=[Row("a", "source_only"), Row("b", "adaptseg", init_from="a")])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = f"file://{tmp_path / 'storage'}"
+    assert run_study(study, address=cluster.address, storage_path=storage, tracking_uri=uri,
+                     out=str(tmp_path / "out")) == 0
+    runs = _by_row_seed(uri, "uri")
+    for seed in ("0", "1"):
+        a, b = runs[("a", seed)], runs[("b", seed)]
+        assert a.data.tags["checkpoint"].startswith(f"file://{tmp_path / 'storage'}/")
+        assert b.data.params["run.init_from"] == a.data.tags["checkpoint"]
+        assert b.data.tags["parent_run_id"] == a.info.run_id
+        assert b.data.tags["parent_lineage"] == a.data.tags["lineage"]
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "uda-ray-init-*"))) == copies
+
+
+_INTERRUPTED_STUDY = """
+from uda_ray.study import Row, Study
+
+STUDY = Study(name="ctrlc", base={base!r}, seeds=(0, 1), max_concurrent=2, rows=[
+    Row("src", "source_only", set={{"run.iterations": 240, "run.checkpoint_every": 20}}),
+    Row("ad", "adaptseg", init_from="src", set={{"run.iterations": 6, "run.checkpoint_every": 2}}),
+])
+"""
+
+
+def test_ctrl_c_stops_a_study_and_a_rerun_equals_an_uninterrupted_one(cluster, data_root, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    from uda_ray.study import load_study, run_study
+
+    script = tmp_path / "ctrlc.py"
+    script.write_text(_INTERRUPTED_STUDY.format(base=_study_base(data_root, tmp_path)))
+    study = load_study(script)
+    # the reference: the same study, uninterrupted, in another store and folder
+    ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"
+    assert run_study(study, address=cluster.address, storage_path=str(tmp_path / "ref-storage"),
+                     tracking_uri=ref_uri, out=str(tmp_path / "ref")) == 0
+    ref = _by_row_seed(ref_uri, "ctrlc")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "uda_ray.cli", "study", str(script), "--address", cluster.address,
+            "--storage-path", str(tmp_path / "storage"), "--tracking-uri", uri, "--out", str(tmp_path / "out")]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "out" / "ctrlc").glob("src-s*/checkpoints/last.pt")):  # mid-way through src
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, out[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("ctrlc")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("uda_ray.kind") == "study"]
+    assert parent.info.status == "KILLED"
+    children = [r for r in runs if r.data.tags.get("uda_ray.kind") == "row"]
+    assert children and "RUNNING" not in {r.info.status for r in children}
+    assert "KILLED" in {r.info.status for r in children}
+    assert not any(r.data.tags["row"] == "ad" and r.info.status == "FINISHED" for r in children)
+
+    # the re-run finishes the study: one run per row x seed, equal seed for seed to the reference
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    runs = [r for r in _child_runs(uri, "ctrlc")]
+    assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 4
+    done = _by_row_seed(uri, "ctrlc")
+    assert all("checkpoint" in r.data.tags for r in done.values())  # continued runs recorded theirs too
+    for key, r in ref.items():
+        assert done[key].data.metrics["val/mIoU"] == r.data.metrics["val/mIoU"], key
+        assert done[key].data.tags["lineage"] == r.data.tags["lineage"], key
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("uda_ray.kind") == "study"]
+    assert parent.info.status == "FINISHED"

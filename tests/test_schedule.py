@@ -84,12 +84,19 @@ def test_finished_rows_are_skipped_and_a_search_queues_the_best_re_runs():
               "best": lambda: ({"adaptseg.lambda_adv_main": 0.002}, "t7"), "init_from_of": lambda seed: ("src", seed)}
     rs = RowScheduler(_jobs([("src", None)], seeds=(0, 1)) + _jobs([("dep", "s")], seeds=(0, 1)), [search],
                       resolve=None, metric="sel/mIoU", mode="max")
-    rs.resolve = lambda job: ("skip", "") if job["row"] == "src" and job["seed"] == 1 else ("run", "ck")
+    def resolve(job):
+        if job["row"] == "src" and job["seed"] == 1:
+            return "skip", ""
+        job["start"] = "lineage-of-src"  # what the trial starts from, passed on to it
+        return "run", "ck"
+
+    rs.resolve = resolve
     assert _key(rs.suggest("t1")) == ("src", 0)  # src s1 finished earlier: skipped
     assert rs.suggest("t2") is None  # the search and dep wait for src s0 / the search
     rs.on_trial_complete("t1")
     s1, s2 = rs.suggest("t3"), rs.suggest("t4")
-    assert s1["search"] == {"row": "s", "seed": 0, "init_from": "ck"} and "adaptseg.lambda_adv_main" in s1
+    assert s1["search"] == {"row": "s", "seed": 0, "init_from": "ck", "start": "lineage-of-src"} and \
+        "adaptseg.lambda_adv_main" in s1
     assert _key(s2) == ("s", 0) and "search" in s2
     assert rs.suggest("t5") is None  # dep waits for the search row's re-runs
     rs.on_trial_complete("t3", result={"sel/mIoU": 0.1})

@@ -90,26 +90,93 @@ def test_every_class_occurs_and_only_valid_label_ids(bench, domain):
     assert min(freq["road"], freq["building"]) > 10 * max(freq["rider"], freq["motorcycle"])
 
 
-def test_ensure_benchmark_regenerates_only_when_parameters_differ(tmp_path):
+def test_ensure_benchmark_generates_only_where_there_is_none(tmp_path):
     kw = dict(seed=1, n_source=3, n_target=2, n_val=1, regime="photo")
     synth.ensure_benchmark(tmp_path, **kw)
     marker = tmp_path / "synth.json"
     first, stamp = files(tmp_path), marker.stat().st_mtime_ns
     assert synth.ensure_benchmark(tmp_path, workers=1, **kw) == tmp_path
     assert marker.stat().st_mtime_ns == stamp and files(tmp_path) == first
-    synth.ensure_benchmark(tmp_path, **{**kw, "n_source": 2, "seed": 2})
-    rec = json.loads(marker.read_text())
-    assert rec["seed"] == 2 and rec["n_source"] == 2 and rec["version"] == synth.SYNTH_VERSION
-    assert sorted(p.name for p in (tmp_path / "gta5" / "images").iterdir()) == ["00001.png", "00002.png"]
-    # a shift equal to a named regime is that regime: no regeneration
-    stamp = marker.stat().st_mtime_ns
-    synth.ensure_benchmark(tmp_path, **{**kw, "n_source": 2, "seed": 2, "shift": synth.REGIMES["photo"]})
+    # a shift equal to a named regime is that regime: used as it is
+    synth.ensure_benchmark(tmp_path, **{**kw, "shift": synth.REGIMES["photo"]})
     assert marker.stat().st_mtime_ns == stamp
-    # an interrupted run (partial flag, no marker) is regenerated
+    # an unreadable marker still marks the user's benchmark: refused, kept
+    marker.write_text("{not json")
+    with pytest.raises(DatasetError, match=r"synth.json: unreadable .*kept: regenerate it with uda-ray data synth"):
+        synth.ensure_benchmark(tmp_path, **kw)
+    assert {k: v for k, v in files(tmp_path).items() if k != "synth.json"} == {
+        k: v for k, v in first.items() if k != "synth.json"}
+    # an interrupted run (partial flag, no marker) is generated again
     marker.unlink()
     (tmp_path / ".synth_partial").touch()
-    synth.ensure_benchmark(tmp_path, **{**kw, "n_source": 2, "seed": 2})
-    assert marker.is_file()
+    synth.ensure_benchmark(tmp_path, **{**kw, "n_source": 2})
+    assert marker.is_file() and json.loads(marker.read_text())["n_source"] == 2
+
+
+TINY_BENCH = dict(n_source=2, n_target=2, n_val=1)  # 2 target images: one is carved out for selection
+
+
+def tiny_benchmark(out: Path, **kw) -> dict:
+    synth.generate(out, workers=1, **{**TINY_BENCH, **kw})
+    return files(out)
+
+
+def test_ensure_benchmark_uses_a_small_benchmark_as_it_is(tmp_path, capsys):
+    # Generated with fewer images than the defaults on purpose: first use must not replace it.
+    before = tiny_benchmark(tmp_path / "tiny")
+    assert synth.ensure_benchmark(tmp_path / "tiny", progress=False) == tmp_path / "tiny"
+    assert files(tmp_path / "tiny") == before
+    assert "generating" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("asked, differs", [({"seed": 3}, "seed 0"), ({"regime": "photo"}, "regime 'default'")])
+def test_ensure_benchmark_refuses_another_seed_or_regime_and_keeps_the_files(tmp_path, asked, differs):
+    before = tiny_benchmark(tmp_path / "tiny")
+    with pytest.raises(synth.BenchmarkMismatch) as info:
+        synth.ensure_benchmark(tmp_path / "tiny", progress=False, workers=1, **TINY_BENCH, **asked)
+    msg = str(info.value)
+    assert len(msg.splitlines()) == 1 and f"{tmp_path / 'tiny'} holds the embedded benchmark generated with " \
+        f"{differs}" in msg and "uda-ray data synth --out DIR" in msg, msg
+    assert isinstance(info.value, DatasetError) and [d[0] for d in info.value.diffs] == list(asked)
+    assert files(tmp_path / "tiny") == before
+
+
+def test_train_on_a_small_benchmark_uses_it_and_refuses_another_seed_in_one_line(tmp_path, monkeypatch, capsys):
+    from uda_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    before = tiny_benchmark(tmp_path / "tiny")
+    argv = ["train", "tiny-cpu", "--method", "source_only", "--no-mlflow", "--quiet", "--set", "data.root=tiny",
+            "--set", "data.select_n=1", "--set", "run.iterations=1", "--set", "run.eval_every=0",
+            "--set", "run.checkpoint_every=0", "--set", "run.num_workers=0", "--set", "run.mosaic_images=0",
+            "--set", "data.source_w=64", "--set", "data.source_h=32", "--set", "data.target_w=64",
+            "--set", "data.target_h=32", "--set", f"run.out={tmp_path / 'runs'}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert files(tmp_path / "tiny") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "tiny"]  # no lock beside it either
+    try:
+        rc = main(argv + ["--set", "data.synth_seed=3", "--set", "run.name=seed3"])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert (f"data.root: {tmp_path / 'tiny'} holds the embedded benchmark generated with seed 0, regime 'default'; "
+            "the config asks for data.synth_seed 3;") in err, err
+    assert "uda-ray data synth --out DIR --seed 3 and set data.root=DIR, or set data.synth_seed=0" in err, err
+    assert files(tmp_path / "tiny") == before
+
+
+def test_ensure_benchmark_writes_nothing_beside_the_data_folder(tmp_path, monkeypatch):
+    from uda_ray import engine
+    from uda_ray.cache import cache_dir, lock_file
+
+    monkeypatch.setenv("UDA_RAY_CACHE", str(tmp_path / "cache"))
+    tiny_benchmark(tmp_path / "X" / "synth")
+    engine._ensure_benchmark(build_config({"data.root": str(tmp_path / "X" / "synth"), "data.synth": True},
+                                          method="source_only"))
+    assert sorted(p.name for p in (tmp_path / "X").iterdir()) == ["synth"]
+    assert lock_file(tmp_path / "X" / "synth").parent == cache_dir() / "locks"
+    assert [p.name for p in (tmp_path / "cache" / "locks").iterdir()] == [lock_file(tmp_path / "X" / "synth").name]
 
 
 @pytest.mark.parametrize("regime", sorted(synth.REGIMES))

@@ -8,9 +8,9 @@ when the last of them ends, the best configuration's re-runs over the seeds join
 and the rows that start from the search row follow them.
 
 The study decides the rest through callbacks: ``resolve(job)`` says whether a row x seed
-runs (and from which checkpoint), is skipped (finished earlier with the same config), or
-fails (its ``init_from`` has no finished run); a search's ``best()`` reads its best
-configuration once its trials are done.
+runs (and from which checkpoint, setting ``job["start"]`` to the lineage it starts from),
+is skipped (finished earlier with the same lineage), or fails (its ``init_from`` has no
+finished run); a search's ``best()`` reads its best configuration once its trials are done.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class RowScheduler(Searcher):
                  metric: str, mode: str):
         super().__init__(metric=metric, mode=mode)
         self.pending = list(jobs)
-        self.searches = {s["row"]: {**s, "searcher": None, "running": set(), "init_from": None} for s in searches}
+        self.searches = {s["row"]: {**s, "searcher": None, "running": set(), "init_from": None, "start": None}
+                         for s in searches}
         self.resolve = resolve
         self.running: dict[str, tuple] = {}  # trial id -> ("row", key) | ("search", row name)
         self.status: dict[Key, str] = {(j["row"], j["seed"]): "pending" for j in jobs}
@@ -72,7 +73,7 @@ class RowScheduler(Searcher):
             self.status[key] = "running"
             self.running[trial_id] = ("row", key)
             return {"trial": {"row": job["row"], "seed": job["seed"], "set": job["set"], "tags": job["tags"],
-                              "init_from": init_from}}
+                              "init_from": init_from, "start": job.get("start")}}
         for s in self.searches.values():
             if s["todo"] <= 0:
                 self._search_done(s)  # e.g. a search completed by an earlier run: queue its re-runs
@@ -84,12 +85,13 @@ class RowScheduler(Searcher):
                 self._search_done(s, failed=f"its init_from row {s['after'][0]} has no finished run")
                 continue
             if s["searcher"] is None:
-                verdict, init_from = self.resolve({"row": s["row"], "seed": s["seed"], "after": s["after"],
-                                                   "set": {}, "tags": {}, "search": True})
+                probe = {"row": s["row"], "seed": s["seed"], "after": s["after"], "set": {}, "tags": {},
+                         "search": True}
+                verdict, init_from = self.resolve(probe)
                 if verdict == "fail":
                     self._search_done(s, failed=init_from)
                     continue
-                s["init_from"], s["searcher"] = init_from, s["make"]()
+                s["init_from"], s["start"], s["searcher"] = init_from, probe.get("start"), s["make"]()
             config = s["searcher"].suggest(trial_id)
             if config is None:
                 continue
@@ -99,7 +101,8 @@ class RowScheduler(Searcher):
             s["todo"] -= 1
             s["running"].add(trial_id)
             self.running[trial_id] = ("search", s["row"])
-            return {**config, "search": {"row": s["row"], "seed": s["seed"], "init_from": s["init_from"]}}
+            return {**config, "search": {"row": s["row"], "seed": s["seed"], "init_from": s["init_from"],
+                                         "start": s["start"]}}
         if not self.pending and not self.running and all(s["todo"] <= 0 for s in self.searches.values()):
             return Searcher.FINISHED
         if not self.running:  # everything left waits for something that cannot start: never wait forever

@@ -8,10 +8,18 @@ file can never run code when it is loaded (a downloaded checkpoint given to ``ud
 or ``run.init_from`` included): everything in it is a tensor, a number, a string, or a
 list / tuple / dict of those.
 
-A run directory belongs to one config. :func:`claim_run_dir` locks it for the process
-that trains in it (a second process on the same run fails at once), refuses to resume a
-checkpoint of another config (by :func:`config_hash`, the hash the studies use) or one that
-diverged, and with ``overwrite`` removes the old run's checkpoint and files first.
+A run directory belongs to one config and one starting point. :func:`claim_run_dir` locks
+it for the process that trains in it (a second process on the same run fails at once),
+refuses to resume a checkpoint of another config (by :func:`config_hash`), of another
+lineage (:func:`lineage_of`: started from another checkpoint or other pretrained weights) or
+one that diverged, and with ``overwrite`` removes the old run's checkpoint and files first.
+
+A run's identity is its **lineage**, as a build system keys an output by every input's key:
+``lineage = H(config_hash, parent)``, where the parent is the lineage of the ``run.init_from``
+checkpoint (stored in it), or for a run from scratch or from pretrained weights, the
+weights' identity (``scratch``, or the SHA-256 of the weights file). Editing a row of a
+study therefore changes the lineage of every row downstream of it, and a run directory or
+a study never takes a model trained from another parent for this one.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from .knobs import ConfigError
 
 CHECKPOINT_FILE = "last.pt"
 FORMAT = "uda-ray-checkpoint/2"  # 2: loadable with weights_only=True (no numpy objects inside)
+SCRATCH = "scratch"  # the parent identity of a run that starts from random weights
 LOCK_FILE = ".lock"
 DIVERGED_FILE = "DIVERGED"
 # what a run directory holds of its run: removed by --overwrite
@@ -40,7 +49,12 @@ RUN_FILES = ("checkpoints", "proxies", DIVERGED_FILE, "config.yaml", "mosaic.png
 # keys that name or place a run rather than define it (a study's row x seed keeps its
 # identity when its init_from checkpoint is copied elsewhere)
 # Where a run lives and starts from, and diagnostics that do not change what it trains.
-NOT_IDENTITY = ("run.init_from", "run.out", "run.name", "run.grad_probe_every")
+# run.init_from is covered by the lineage instead (the parent's identity, not its path); run.device
+# says where, and ``auto`` resolves to either (a row is the same experiment on any device).
+NOT_IDENTITY = ("run.init_from", "run.out", "run.name", "run.grad_probe_every", "run.device")
+# Loaded checkpoints of parents fetched from shared storage (s3://...) by URI: the temporary
+# local copy is deleted once loaded, and the config keeps the URI (:func:`preload`).
+_PRELOADED: dict[str, dict] = {}
 
 
 class CheckpointError(ConfigError):
@@ -54,6 +68,72 @@ def config_hash(flat: dict) -> str:
     same hash; a run directory resumes only a checkpoint of the same hash."""
     keep = {k: v for k, v in flat.items() if k not in NOT_IDENTITY}
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def lineage_hash(chash: str, parent: str) -> str:
+    """The lineage of a run of config hash ``chash`` started from ``parent`` (a lineage, or
+    the identity of the weights a root run starts from)."""
+    return hashlib.sha1(f"{chash}|{parent}".encode()).hexdigest()[:16]
+
+
+_FILE_IDS: dict[tuple, str] = {}
+
+
+def file_identity(path: str | Path) -> str:
+    """``sha256:<first 16 hex>`` of a file's bytes, computed once per (path, size, mtime)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_IDS:
+        with open(p, "rb") as f:
+            _FILE_IDS[key] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return _FILE_IDS[key]
+
+
+def parent_of_state(state: dict) -> str:
+    """The lineage a checkpoint stands for as a parent. A checkpoint written before lineages
+    existed stands for its config at its step (the best that can be said of it)."""
+    return state.get("lineage") or f"legacy:{state.get('config_hash', '?')}@{state.get('step', '?')}"
+
+
+def start_identity(pretrained: str, path: str | Path | None) -> str:
+    """What a root run starts from: ``scratch``, or the identity of its pretrained weights
+    (``model.pretrained`` and the file it names, :func:`uda_ray.models.from_config.start_of`)."""
+    return f"{pretrained}:{file_identity(path)}" if pretrained else SCRATCH
+
+
+def lineage_of(cfg, start: str | None = None) -> dict:
+    """The lineage record of a run of ``cfg``: ``lineage``, ``parent_lineage``, ``parent`` (the
+    ``run.init_from`` URI or path, '' for a root run) and ``parent_run_id`` (the MLflow run
+    that wrote the parent checkpoint, '' when unknown). Reads the ``run.init_from``
+    checkpoint (refused when not finite); a root run's parent is ``start``, its
+    :func:`start_identity`."""
+    if cfg.run.init_from:
+        state = load_checkpoint_file(cfg.run.init_from)
+        check_finite(state, cfg.run.init_from)
+        parent, run_id = parent_of_state(state), str(state.get("run_id") or "")
+    else:
+        if start is None:
+            raise ValueError("lineage_of: a run without run.init_from needs its start identity")
+        parent, run_id = start, ""
+    return {"lineage": lineage_hash(config_hash(cfg.flat()), parent), "parent_lineage": parent,
+            "parent": str(cfg.run.init_from), "parent_run_id": run_id}
+
+
+def preload(uri: str, local_dir: str | Path) -> None:
+    """Load the checkpoint of ``uri`` from its fetched local copy ``local_dir``, keep it in
+    memory under ``uri`` (every later :func:`load_checkpoint_file` of ``uri`` returns it) and
+    delete the copy at once: a config keeps the URI, the record names it, and no temporary
+    copy outlives its loading."""
+    try:
+        _PRELOADED[uri] = load_checkpoint_file(local_dir)
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def release(uri: str) -> None:
+    """Forget a :func:`preload`ed checkpoint (at the end of the fit that used it)."""
+    _PRELOADED.pop(uri, None)
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:
@@ -74,7 +154,10 @@ def load_checkpoint_file(path: str | Path) -> dict:
     """A checkpoint by file or run directory (its ``checkpoints/last.pt``), loaded with
     ``weights_only=True``. Anything else (a pickle that would run code, a truncated or
     corrupt file, a ``.pt`` that is not a uda-ray checkpoint) is a :class:`CheckpointError`
-    naming the file."""
+    naming the file. Its ``finite`` flag is recomputed from the tensors (a flag is not
+    trusted: one full pass over tensors just read is cheap next to reading them)."""
+    if str(path) in _PRELOADED:
+        return _PRELOADED[str(path)]
     p = _resolve(path)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -90,6 +173,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("modules"), dict):
         found = state.get("format", "no format tag") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{p}: not a uda-ray checkpoint (expected format {FORMAT!r}, found {found!r})")
+    state["finite"] = all_finite(t for sd in state["modules"].values() if isinstance(sd, dict) for t in sd.values())
     return state
 
 
@@ -120,9 +204,14 @@ def _plain(obj):
     return obj
 
 
-def save_checkpoint(path: Path, method, step: int, cfg, extra: dict | None = None) -> Path:
+def save_checkpoint(path: Path, method, step: int, cfg, extra: dict | None = None,
+                    lineage: dict | None = None) -> Path:
     """Write a checkpoint of ``method`` at ``step``: to a temporary file of this process,
-    then renamed, so a kill mid-write leaves the previous checkpoint intact."""
+    then renamed, so a kill mid-write leaves the previous checkpoint intact (and the next
+    run in the directory removes the temporary file, :func:`claim_run_dir`). A failed write
+    (a full disk) removes its temporary file and is a :class:`CheckpointError` naming the
+    file and the reason. ``lineage``: the run's :func:`lineage_of` record, plus ``run_id``
+    (its MLflow run), kept in the checkpoint so that a run started from it knows its parent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     modules = {k: m.state_dict() for k, m in method.modules().items()}
@@ -131,6 +220,7 @@ def save_checkpoint(path: Path, method, step: int, cfg, extra: dict | None = Non
         "step": int(step),
         "config": cfg.flat(),
         "config_hash": config_hash(cfg.flat()),
+        **{k: str(v) for k, v in (lineage or {}).items()},
         "finite": all_finite(t for sd in modules.values() for t in sd.values()),
         "modules": modules,
         "optimizers": {k: o.optimizer.state_dict() for k, o in method.optimizers().items()},
@@ -139,8 +229,20 @@ def save_checkpoint(path: Path, method, step: int, cfg, extra: dict | None = Non
         "extra": _plain(extra or {}),
     }
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        # through a Python file, so that a failed write's OSError ("No space left on device")
+        # reaches the message (torch.save to a path reports only its own position check)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, OSError) and cause.strerror:
+            reason = cause.strerror
+        raise CheckpointError(f"{path}: the checkpoint of step {step} could not be written ({reason[:200]}); "
+                              f"the previous checkpoint, if any, is intact: free space and resume") from None
     return path
 
 
@@ -238,18 +340,23 @@ def lock_run_dir(run_dir: Path) -> RunLock:
 
 
 def claim_run_dir(run_dir: str | Path, cfg, *, overwrite: bool = False, resume_state: dict | None = None,
-                  lock: bool = True) -> tuple[RunLock | None, dict | None]:
+                  lock: bool = True, lineage: dict | None = None) -> tuple[RunLock | None, dict | None]:
     """Take ``run_dir`` for a run of ``cfg``: lock it, then return the checkpoint state to
     resume (``resume_state`` when given, else the directory's own, else None).
 
     Refused with a :class:`CheckpointError` that says what to do: a checkpoint of another
     config (resume with the same config, or start anew under another ``run.name`` or with
-    ``overwrite``), a run that diverged or whose checkpoint is not finite. ``overwrite``
-    removes the old run's checkpoint and files (:data:`RUN_FILES`) before starting.
+    ``overwrite``), of another ``lineage`` (the run's :func:`lineage_of`: the directory's run
+    started from another checkpoint or other weights; the message names both parents), a run
+    that diverged or whose checkpoint is not finite. ``overwrite`` removes the old run's
+    checkpoint and files (:data:`RUN_FILES`) before starting. Temporary files of checkpoint
+    writes that a killed process left behind are removed (the lock says no one writes them).
     """
     run_dir = Path(run_dir)
     held = lock_run_dir(run_dir) if lock else None
     try:
+        for tmp in checkpoint_path(run_dir).parent.glob(f"{CHECKPOINT_FILE}.*.tmp"):
+            tmp.unlink(missing_ok=True)
         if overwrite:
             for name in RUN_FILES:
                 p = run_dir / name
@@ -273,6 +380,15 @@ def claim_run_dir(run_dir: str | Path, cfg, *, overwrite: bool = False, resume_s
                 raise CheckpointError(
                     f"{run_dir}: holds a checkpoint of another config ({_config_diff(state['config'], new)}); "
                     f"resume it with the same config (uda-ray train {run_dir}), or {how}")
+            old = state.get("lineage")
+            if lineage is not None and old and old != lineage["lineage"]:
+                def start(parent, lin):
+                    return f"{parent} (parent lineage {lin})" if parent else f"{lin}"
+
+                raise CheckpointError(
+                    f"{run_dir}: holds a run started from {start(state.get('parent', ''), state.get('parent_lineage'))}, "
+                    f"not from {start(lineage['parent'], lineage['parent_lineage'])}; a run directory continues "
+                    f"only the run it holds: {how}")
         return held, state
     except BaseException:
         if held is not None:

@@ -35,16 +35,18 @@ def _cmd_data_synth(args) -> int:
 def _cmd_pretrain(args) -> int:
     from pathlib import Path
 
-    from .pretrain import KINDS, PRETRAIN_DIR, describe, ensure_weights
+    from .errors import UserError
+    from .pretrain import KINDS, describe, ensure_weights, pretrain_root
 
-    root = Path(args.out).resolve() if args.out else Path(args.data_root).resolve() / PRETRAIN_DIR
+    if args.data_root is not None:  # the old place of the cache; said, not silently ignored
+        raise UserError(f"--data-root: the embedded weights no longer live under the data root; without --out "
+                        f"they are built in uda-ray's cache ({pretrain_root()}; set UDA_RAY_CACHE to move it)")
+    root = Path(args.out).resolve() if args.out else pretrain_root()
     kinds = KINDS if args.kind == "all" else (args.kind,)
     recipes = {}
     if args.iterations is not None:
         if not args.out:
-            from .errors import UserError
-
-            raise UserError("--iterations: the cache under the data root holds the default recipe, which "
+            raise UserError(f"--iterations: the cache ({root}) holds the default recipe, which "
                             "model.pretrained=embedded loads; write another recipe elsewhere with --out DIR")
         recipes = {k: {"iterations": args.iterations} for k in kinds}
     for kind in kinds:
@@ -86,10 +88,10 @@ def _resolve_config(args):
             from .config import ConfigError
 
             raise ConfigError(f"{src} is a folder without config.yaml (not a run directory)")
-        cfg = load_config(src / "config.yaml", overrides)
-        return cfg, src
+        return _same_method(load_config(src / "config.yaml", overrides, method=args.method), src / "config.yaml",
+                            args, overrides), src
     if src.is_file():
-        return load_config(src, overrides), None
+        return _same_method(load_config(src, overrides, method=args.method), src, args, overrides), None
     if args.config in PRESETS:
         return load_config(None, overrides, preset=args.config, method=args.method), None
     from .config import ConfigError
@@ -99,12 +101,30 @@ def _resolve_config(args):
                       f"({', '.join(sorted(PRESETS))}){did_you_mean(args.config, PRESETS)}")
 
 
+def _same_method(cfg, path, args, overrides):
+    """``cfg`` (from the config file ``path``, which takes ``--method`` where it names none),
+    unless ``--method`` contradicts the method it names: refused rather than ignored."""
+    if args.method is not None and cfg.method != args.method:
+        from .config import ConfigError
+
+        where = "--set method" if "method" in overrides else f"{path}"
+        raise ConfigError(f"{where} has method {cfg.method!r} but --method {args.method!r}: drop --method, or change "
+                          f"the config's method")
+    return cfg
+
+
 def _cmd_train(args) -> int:
     from pathlib import Path
 
     from .engine import fit
+    from .memory import sizes
 
     cfg, run_dir = _resolve_config(args)
+    args.memory_hint = sizes(cfg)  # named by an out-of-memory error (main)
+    if not args.no_mlflow:
+        from .tracking import resolve_uri
+
+        resolve_uri(args.tracking_uri)  # an unsupported URI is refused before the run directory is made
     opened = []  # the MLflow tracker, once fit has claimed the run directory
 
     def open_tracker(where: Path):
@@ -134,11 +154,12 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .checkpoint import load_checkpoint_file
+    from .checkpoint import check_finite, load_checkpoint_file
     from .config import METHODS, build_config
     from .engine import Context, build_segmenter, build_val_dataset, evaluate, resolve_device
 
     state = load_checkpoint_file(args.checkpoint)
+    check_finite(state, args.checkpoint)  # a NaN model has no score to report
     values = dict(state["config"])
     # The checkpoint is the model's starting point: a method that needs an init_from
     # checkpoint to be built (AdaBN, a MAT or DAST later stage) finds its modules there.
@@ -158,6 +179,12 @@ def _cmd_eval(args) -> int:
                             progress=True)
     print(f"{args.checkpoint}: {cfg.method} at step {state['step']}, {cfg.data.target} {cfg.data.val_split}, "
           f"{cfg.data.num_classes}-class protocol")
+    if state.get("lineage"):
+        parent = state.get("parent") or "its start weights"
+        print(f"lineage {state['lineage']} (config {state.get('config_hash')}; started from {parent}, lineage "
+              f"{state.get('parent_lineage')})")
+    else:
+        print("lineage unknown (a checkpoint written before uda-ray recorded lineages)")
     print(scores.format_table())
     return 0
 
@@ -184,6 +211,9 @@ def _cmd_bench_step(args) -> int:
 
         raise ConfigError(f"--method: expected 'all' or one of {sorted(METHODS)}, got {args.method!r}")
     cfg = case_config(args.preset, args.method, {}, overrides, args.scale)
+    from .memory import sizes
+
+    args.memory_hint = sizes(cfg)  # named by an out-of-memory error (main)
     r = bench_step(cfg, warmup=args.warmup, iters=args.iters)
     print(f"{args.method} @ {args.preset} ({cfg.model.arch}, source {cfg.data.source_w}x{cfg.data.source_h}, "
           f"target {cfg.data.target_w}x{cfg.data.target_h}, batch {cfg.data.batch_size}) on {r['device']}")
@@ -243,6 +273,9 @@ def _cmd_study(args) -> int:
     from .study import find_study, load_study, run_study
 
     study = load_study(find_study(args.study))
+    from .tracking import resolve_uri
+
+    resolve_uri(args.tracking_uri)  # an unsupported URI is refused before Ray or any trial starts
     return run_study(study, smoke_test=args.smoke_test, address=args.address, storage_path=args.storage_path,
                      tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent, out=args.out,
                      variant=args.variant)
@@ -382,14 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     pt = sub.add_parser("pretrain", help="pretrain the small encoders on the embedded ImageNet / ADE20k stand-ins "
-                                         "(what model.pretrained=embedded loads; built on first use anyway)")
-    pt.add_argument("--data-root", default=DEFAULT_SYNTH_ROOT,
-                    help="the embedded benchmark's root; the weights go in DATA_ROOT/pretrain (default: %(default)s)")
+                                         "(what model.pretrained=embedded loads; built on first use anyway)",
+                        description="Builds the weights model.pretrained=embedded|embedded_seg load in uda-ray's "
+                                    "cache, CACHE/pretrain (CACHE: $UDA_RAY_CACHE, else $XDG_CACHE_HOME/uda-ray, "
+                                    "else ~/.cache/uda-ray), or another recipe in --out DIR.")
+    pt.add_argument("--data-root", default=None, help=argparse.SUPPRESS)  # the cache's old place: refused
     pt.add_argument("--kind", default="all", choices=("embedded", "embedded_seg", "all"),
                     help="embedded: classification (ImageNet stand-in); embedded_seg: scene parsing (ADE20k "
                          "stand-in, from embedded) (default: %(default)s)")
     pt.add_argument("--out", default=None,
-                    help="another folder for the pretraining domain and its weights (e.g. with --iterations)")
+                    help="another folder for the pretraining domain and its weights (e.g. with --iterations) "
+                         "instead of the cache")
     pt.add_argument("--iterations", type=_positive, default=None, help="training iterations (only with --out)")
     pt.add_argument("--quiet", action="store_true", help="no progress bars")
     pt.set_defaults(func=_cmd_pretrain)
@@ -512,6 +548,27 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in lines) or type(e).__name__
 
 
+def _out_of_memory(e: BaseException) -> str | None:
+    """What an allocation that failed says, on one line; None for any other error. Python's
+    and numpy's ``MemoryError`` (``Unable to allocate 112. GiB for an array with shape ...``),
+    PyTorch's CUDA ``OutOfMemoryError`` and its CPU allocator's ``RuntimeError`` ("can't
+    allocate memory: you tried to allocate N bytes")."""
+    import re
+
+    torch = sys.modules.get("torch")
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ()))):
+        return _one_line(e) if str(e) else "a memory allocation failed"
+    tried = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
+    if isinstance(e, RuntimeError) and tried:
+        return f"tried to allocate {int(tried.group(1)) / 2**30:.1f} GiB"
+    first = str(e).split("\n", 1)[0]
+    if isinstance(e, RuntimeError) and first.startswith("Caught ") and "MemoryError in DataLoader" in first:
+        # numpy's _ArrayMemoryError in a loader worker, which the main process cannot rebuild
+        # as its own type (torch re-raises it as a RuntimeError with the worker's traceback)
+        return str(e).rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -521,6 +578,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"uda-ray: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 (only out-of-memory errors are caught; the rest re-raised)
+        what = None if args.debug else _out_of_memory(e)
+        if what is None:
+            raise
+        hint = getattr(args, "memory_hint", "")
+        print(f"uda-ray: error: out of memory: {what}" + (f" ({hint}); lower them" if hint else ""),
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (checkpoints are written atomically)
+        if args.debug:
+            raise
+        print("uda-ray: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -246,6 +246,9 @@ def _search_all(client, exp_id: str, filter_string: str, order_by: list[str] | N
             return
 
 
+SELECTED_TAG = "uda_ray.selected"  # ms since the epoch when the study last ran or skipped this run as current
+
+
 def _find_parent(client, exp_id: str, name: str):
     # Most recent first: a study re-run starts a new parent run, and the table is the latest one's.
     for run in _search_all(client, exp_id, "tags.`uda_ray.kind` = 'study'",
@@ -357,7 +360,9 @@ def _aggregate(spec: _Spec, runs: list[_Run], notes: list[str]) -> list[_Row]:
         seeds = [r for r in mine if not r.search]          # search trials are never averaged
         trials = [r for r in mine if r.search]
         finished: dict[str, _Run] = {}
-        for r in seeds:                                     # ascending start time: the latest wins
+        # the run the study last chose for its row x seed wins (the study's current lineage:
+        # after a row was edited and edited back, an older run is current again), else the latest
+        for r in sorted(seeds, key=lambda r: (int(r.tags.get(SELECTED_TAG) or 0), r.start_time)):
             if r.status == "FINISHED":
                 key = r.seed or r.run_id
                 if key in finished:

@@ -75,7 +75,8 @@ class RunConfig:
 class DataConfig:
     root: str = knob("data/synth", "data root; dataset folders below are relative to it")
     synth: bool = knob(False, "generate the embedded benchmark under data.root when it is missing (only into "
-                              "an empty folder or one the benchmark wrote; the tiny-cpu/study-cpu presets set it)")
+                              "an empty folder or one the benchmark wrote; an existing one is used as it is, or "
+                              "refused if its seed or regime differ; the tiny-cpu/study-cpu presets set it)")
     synth_seed: int = knob(0, "seed of the embedded benchmark", lo=0)
     synth_regime: str = knob("default", "domain-shift regime of the embedded benchmark")
     source: str = knob("gta5", "source reader", choices=("gta5", "synthia", "cityscapes", "bdd100k"))
@@ -229,15 +230,56 @@ def _coerce(key: str, f: dataclasses.Field, value):
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested YAML mappings -> dotted keys (``{"run": {"seed": 1}}`` -> ``{"run.seed": 1}``)."""
-    out = {}
+    """Nested YAML mappings -> dotted keys (``{"run": {"seed": 1}}`` -> ``{"run.seed": 1}``).
+
+    Raises:
+        ConfigError: a key given both nested and dotted (``{"run": {"seed": 1}, "run.seed": 2}``),
+            where one of the two values would be dropped silently.
+    """
+    out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
+        for sub, value in (flatten(v, key + ".") if isinstance(v, dict) else {key: v}).items():
+            if sub in out:
+                raise ConfigError(f"{sub} is set twice (nested and dotted); keep one")
+            out[sub] = value
     return out
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a config key given twice, which PyYAML resolves by
+    keeping the last value silently: a key repeated in one mapping (``run:`` twice, or
+    ``seed:`` twice under ``run:``), and a dotted key that repeats a nested one
+    (``run: {seed: 1}`` and ``run.seed: 2``). A merge key (``<<: *base``) still overrides:
+    its keys are YAML's way to be replaced."""
+
+    def construct_document(self, node):
+        self._check_keys(node, "", {}, set())
+        return super().construct_document(node)
+
+    def _check_keys(self, node, prefix: str, leaves: dict[str, int], path: set) -> None:
+        if not isinstance(node, yaml.MappingNode) or id(node) in path:  # (an alias may refer to itself)
+            return
+        here: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = prefix + key_node.value, key_node.start_mark.line + 1
+            if key in here:
+                raise _DuplicateKey(key, here[key], line)
+            here[key] = line
+            if isinstance(value_node, yaml.MappingNode):
+                self._check_keys(value_node, key + ".", leaves, path | {id(node)})
+            elif key in leaves:
+                raise _DuplicateKey(key, leaves[key], line)
+            else:
+                leaves[key] = line
 
 
 def build_config(values: dict[str, Any] | None = None, *, method: str | None = None,
@@ -334,6 +376,15 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"data.scale_min: must be <= data.scale_max ({d.scale_max}), got {d.scale_min}")
     if (d.crop_w == 0) != (d.crop_h == 0):
         raise ConfigError("data.crop_w / data.crop_h: set both or neither")
+    name = cfg.run.name
+    # the run directory is run.out/<run.name>: a path there would write outside run.out
+    if name and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")):
+        raise ConfigError(f"run.name: expected one folder name (no '/' or '\\', not '.' or '..', not blank; "
+                          f"'' for the default <method>-s<seed>), got {name!r}")
+    bins = cfg.model.ppm_bins.split(",")  # read by the PPM archs only, checked for all: a typo never trains
+    if not all(b.strip().isdecimal() and int(b) > 0 for b in bins):
+        raise ConfigError(f"model.ppm_bins: expected comma-separated positive integers (e.g. 1,2,3,6), "
+                          f"got {cfg.model.ppm_bins!r}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -350,14 +401,22 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
                 preset: str | None = None, method: str | None = None) -> Config:
     """A config from a YAML file (nested or flat dotted keys, optional ``preset:`` and
-    ``method:``), then ``overrides``."""
+    ``method:``), then ``overrides``; ``method`` is the file's when it names none.
+
+    Raises:
+        ConfigError: the file is missing, not UTF-8, not YAML, or gives a key twice (the
+            key and both lines named, :class:`_ConfigLoader`); or a key or value is refused.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(f"{path}: {e.key} is set twice, at lines {e.first} and {e.again} (YAML would keep "
+                              f"the last silently); keep one") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                               "save the config as UTF-8") from None

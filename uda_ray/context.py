@@ -4,7 +4,7 @@ methods depend on it without importing the engine."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ class Context:
     target_batches_per_epoch: int = 1
     run_dir: Path | None = None  # where a method writes its files (e.g. proxy labels)
     tracker: object = None  # rank 0's tracker (a NullTracker elsewhere), for a method's own reports
+    lineage: dict = field(default_factory=dict)  # the run's lineage record, kept in its checkpoints (rank 0)
 
     def autocast(self):
         if self.amp:

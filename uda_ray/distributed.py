@@ -24,17 +24,24 @@ from typing import Any, Callable
 KILL_ENV = "UDA_RAY_TEST_KILL_AT_STEP"
 
 
-def _resolve_init_from(path: str) -> str:
-    """A checkpoint on shared storage (``s3://...``) is fetched to a local folder first."""
-    if not path or "://" not in path:
-        return path
+def _fetch_init_from(uri: str) -> None:
+    """A parent checkpoint on shared storage (``s3://...``) is fetched to a temporary local
+    folder, loaded, and the folder deleted at once (:func:`uda_ray.checkpoint.preload`): the
+    config keeps the URI, so the run's record (``run.init_from``) names the parent's
+    checkpoint, never a temporary path, and no copy is left on the worker's disk."""
+    if not uri or "://" not in uri:
+        return
     import tempfile
 
     import ray.train
 
+    from .checkpoint import preload
+
     local = tempfile.mkdtemp(prefix="uda-ray-init-")
-    ray.train.Checkpoint(path).to_directory(local)
-    return local
+    try:
+        ray.train.Checkpoint(uri).to_directory(local)
+    finally:
+        preload(uri, local)  # deletes the copy, also when the fetch failed half-way
 
 
 def _loaded(checkpoint) -> dict | None:
@@ -48,11 +55,18 @@ def _loaded(checkpoint) -> dict | None:
 
 
 def _trial_config(flat: dict, device: str):
-    """The config a training process fits: ``flat`` on ``device``, its init_from fetched."""
+    """The config a training process fits: ``flat`` on ``device``, its init_from fetched
+    (released by :func:`_release` when the fit ends)."""
     from .config import build_config
 
-    return build_config({**flat, "run.device": device,
-                         "run.init_from": _resolve_init_from(flat.get("run.init_from", ""))})
+    _fetch_init_from(flat.get("run.init_from", ""))
+    return build_config({**flat, "run.device": device})
+
+
+def _release(cfg) -> None:
+    from .checkpoint import release
+
+    release(cfg.run.init_from)
 
 
 def _tracker(mlflow: dict | None):
@@ -103,7 +117,10 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             die(metrics)  # a hard worker death
 
-    fit(cfg, run_dir=config["run_dir"], tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume)
+    try:
+        fit(cfg, run_dir=config["run_dir"], tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume)
+    finally:
+        _release(cfg)
 
 
 def fit_in_trial(flat: dict, *, run_dir: str, storage_path: str, threads: int = 1, mlflow: dict | None = None,
@@ -137,7 +154,10 @@ def fit_in_trial(flat: dict, *, run_dir: str, storage_path: str, threads: int = 
         last[:] = [_join(storage_path, str(Path(storage.checkpoint_fs_path).relative_to(storage.storage_fs_path)))]
         die(metrics)  # a hard death of the trial's process
 
-    fit(cfg, run_dir=run_dir, tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume)
+    try:
+        fit(cfg, run_dir=run_dir, tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume)
+    finally:
+        _release(cfg)
     return last[0] if last else None
 
 
@@ -210,6 +230,63 @@ def cluster_resources() -> dict:
 
 
 DRIVER_CPUS = 0.1  # a Train-driving trial's own share of a CPU (its workers ask for theirs)
+
+
+class StopOnSignal:
+    """``with StopOnSignal() as stop:`` around a Tune run: SIGINT (Ctrl-C) or SIGTERM stops
+    the run's trials and lets it return (``stop.signal`` then says which signal), instead of
+    Tune's own SIGINT handling, after which the caller could not tell an interrupted run from
+    a finished one, and instead of SIGTERM's default, which kills the driver with its trials'
+    runs left RUNNING. It asks Tune to stop through Tune's SIGUSR1 handler (which ends the
+    run, stops every trial and returns). A second signal raises KeyboardInterrupt at once.
+    Main thread only (elsewhere it does nothing)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.signal = 0
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+        import sys
+
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"uda-ray: {signal.Signals(signum).name} received: stopping the study's trials (send it again to "
+              f"stop at once)", file=sys.stderr, flush=True)
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if callable(tune_handler) and tune_handler != self._before_tune:
+            tune_handler(signal.SIGUSR1, frame)  # Tune's: end the run, stop its trials
+        else:  # Tune has not started its loop yet
+            raise KeyboardInterrupt
+
+    def _before_tune(self, signum, frame) -> None:
+        """SIGUSR1's handler until Tune installs its own (so that one left by an earlier Tune
+        run in this process is never taken for this run's)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by tune.run when it starts
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handle)
+            self._old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._before_tune)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        if self.signal and exc_type is KeyboardInterrupt:
+            return True  # interrupted before or during the run's start: reported as stop.signal
+        return False
 
 
 def tune_rows(trainable: Callable[[dict], Any], *, search_alg, storage_path: str, name: str,

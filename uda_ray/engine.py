@@ -26,14 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (checkpoint_path, claim_run_dir, load_checkpoint_file, mark_diverged, restore_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (checkpoint_path, claim_run_dir, lineage_of, load_checkpoint_file, mark_diverged,
+                         restore_checkpoint, save_checkpoint)
 from .config import METHODS, Config, ConfigError
 from .context import Context, numerics
 from .errors import UserError
 from .data import JointTransform, PairedBatches, build_dataset, eval_loader, train_loader
 from .evaluation import ConfusionMatrix, Scores, predict, summarize
 from .models import build_segmenter
+from .models.from_config import start_of
 from .mosaic import mosaic_png
 
 
@@ -96,9 +97,13 @@ def _dir(cfg: Config, which: str) -> Path:
 
 def ensure_data(cfg: Config) -> None:
     """Generate the embedded benchmark on first use when the config asks for it (``data.synth``,
-    set by the tiny-cpu and study-cpu presets only), at ``data.root`` made absolute. A folder
-    there that holds anything the generator did not write is refused, never written into.
-    Then the embedded pretrained weights ``model.pretrained`` names, if it names them."""
+    set by the tiny-cpu and study-cpu presets only), at ``data.root`` made absolute. A benchmark
+    already there is the user's data: it is used as it is whatever its image counts, and refused
+    (one line naming what differs) when its seed, regime, version or image sizes are not the
+    config's, never regenerated. A folder there that holds anything the generator did not write
+    is refused, never written into. Then the embedded pretrained weights ``model.pretrained``
+    names, if it names them (in uda-ray's cache, :mod:`uda_ray.cache`). Nothing is written
+    beside the data folder: the lock of concurrent trials is in the cache too."""
     if not cfg.data.synth:
         return
     _ensure_benchmark(cfg)
@@ -108,21 +113,52 @@ def ensure_data(cfg: Config) -> None:
         embedded_weights(cfg)
 
 
+# How a field of synth.json is set in the config, for the one-line refusal of a benchmark
+# generated otherwise (the others are the generator's own: another uda-ray version wrote it).
+_SYNTH_KEYS = {"seed": ("data.synth_seed", "--seed"), "regime": ("data.synth_regime", "--regime")}
+
+
+def _mismatch_message(e, cfg: Config) -> str:
+    have = e.have
+    was = [f"seed {have.get('seed')!r}", f"regime {have.get('regime')!r}"]
+    asked, flags, back = [], [], []
+    for field, h, w in e.diffs:
+        if field in _SYNTH_KEYS:
+            key, flag = _SYNTH_KEYS[field]
+            asked.append(f"{key} {w!r}")
+            flags.append(f"{flag} {w}")
+            back.append(f"{key}={h}")
+        elif field != "shift":  # a regime's shift is said by its name
+            if field not in ("seed", "regime"):
+                was.append(f"{field} {h!r}")
+            asked.append(f"{field} {w!r} (this uda-ray's generator)")
+    if not asked:  # the same named regime with another shift: an older calibration of it
+        was.append(f"shift {have.get('shift')!r}")
+        asked.append(f"regime {cfg.data.synth_regime!r} as this uda-ray defines it")
+    use = f", or set {' '.join(back)} to use this one" if back and len(back) == len(asked) else ""
+    return (f"data.root: {e.out} holds the embedded benchmark generated with {', '.join(was)}; the config asks "
+            f"for {', '.join(asked)}; it is kept as it is: generate the other one elsewhere with uda-ray data "
+            f"synth --out DIR{''.join(' ' + f for f in flags)} and set data.root=DIR{use}")
+
+
 def _ensure_benchmark(cfg: Config) -> None:
     import fcntl
 
+    from .cache import lock_file
     from .data import synth
     from .data.io import DatasetError
 
     root = Path(cfg.data.root).resolve()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Concurrent trials on one machine: one generates, the others wait for it.
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
+    # Concurrent trials on one machine: one generates, the others wait for it. The lock is in
+    # uda-ray's cache, keyed by the root's path: nothing is written beside the user's folder.
+    with open(lock_file(root), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             synth.ensure_benchmark(root, seed=cfg.data.synth_seed, regime=cfg.data.synth_regime)
         except synth.SynthArgumentError as e:
             raise ConfigError(f"data.synth_regime: {e}") from None
+        except synth.BenchmarkMismatch as e:
+            raise ConfigError(_mismatch_message(e, cfg)) from None
         except DatasetError as e:
             raise ConfigError(f"data.root: {e} (data.synth is true: set data.synth=false to use the data "
                               "there)") from None
@@ -353,7 +389,9 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
     Args:
         cfg: the validated config.
         run_dir: where checkpoints and artifacts go (default ``run.out/<run name>``); an
-            existing ``checkpoints/last.pt`` there is resumed if it is of the same config.
+            existing ``checkpoints/last.pt`` there is resumed if it is of the same lineage
+            (:func:`~uda_ray.checkpoint.lineage_of`, recorded in every checkpoint and as the
+            tracker's ``lineage``, ``parent_lineage`` and ``parent_run_id`` tags).
         tracker: receives params, tags, metrics and artifacts (rank 0 only); or a callable
             ``tracker(run_dir) -> tracker``, called on rank 0 only once ``run_dir`` is claimed,
             so that a refused run dir (another config, in use, diverged) opens no tracker run
@@ -368,20 +406,23 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
 
     Raises:
         CheckpointError: ``run_dir`` is in use by another process, holds a checkpoint of
-            another config, or holds a run that diverged
-            (:func:`~uda_ray.checkpoint.claim_run_dir`).
+            another config or another lineage (started from another checkpoint or other
+            weights), or holds a run that diverged (:func:`~uda_ray.checkpoint.claim_run_dir`).
         NonFiniteLoss: a loss became NaN or infinite; ``run_dir`` is then marked diverged
             and is never resumed.
     """
     rank, _ = dist_info()
     run_dir = Path(run_dir or Path(cfg.run.out) / cfg.run_name)
-    lock = None
+    lock, lineage = None, {}
     if rank == 0:  # the one process that writes the run directory owns it
-        lock, resume_from = claim_run_dir(run_dir, cfg, overwrite=overwrite, resume_state=resume_from)
+        # (the embedded weights a root run hashes are built here on first use)
+        lineage = lineage_of(cfg, start=None if cfg.run.init_from else start_of(cfg))
+        lock, resume_from = claim_run_dir(run_dir, cfg, overwrite=overwrite, resume_state=resume_from,
+                                          lineage=lineage)
     try:
         if tracker is not None and not hasattr(tracker, "log_params"):  # a factory
             tracker = tracker(run_dir) if rank == 0 else None
-        return _fit(cfg, run_dir, tracker, progress, on_checkpoint, resume_from, stop_at)
+        return _fit(cfg, run_dir, tracker, progress, on_checkpoint, resume_from, stop_at, lineage)
     except NonFiniteLoss as e:
         if rank == 0:
             mark_diverged(run_dir, str(e))
@@ -392,7 +433,7 @@ def fit(cfg: Config, *, run_dir: str | Path | None = None, tracker=None, progres
 
 
 def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, resume_from: dict | None,
-         stop_at: int) -> RunResult:
+         stop_at: int, lineage: dict) -> RunResult:
     t_start = time.perf_counter()
     phases = Phases()
     rank, world = dist_info()
@@ -421,7 +462,13 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
     ctx = Context(cfg, device, amp=amp, channels_last=channels_last, rank=rank, world_size=world,
                   target_batches_per_epoch=max(1, len(data["target"]) // (cfg.data.batch_size * world)),
                   run_dir=run_dir, tracker=tracker)
+    # the lineage every checkpoint of this run records, with the MLflow run that wrote it
+    ctx.lineage = {**lineage, "run_id": getattr(tracker, "run_id", "") or ""} if rank == 0 else {}
     method = setup_method(cfg, ctx, build_segmenter(cfg, device))
+    if rank == 0:  # a step that cannot fit is refused in one line, before a batch is read
+        from .memory import check_step_memory
+
+        check_step_memory(cfg, method, ctx)
 
     start = 0
     state = resume_from
@@ -433,7 +480,7 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
         distribute(method, world)
 
     tracker.log_params(cfg.flat())
-    tracker.set_tags(run_tags(cfg, method, data))
+    tracker.set_tags({**run_tags(cfg, method, data), **{k: v for k, v in lineage.items() if k != "parent" and v}})
 
     iters = cfg.run.iterations if method.trains else 0
     horizon = cfg.run.schedule_iterations or cfg.run.iterations
@@ -490,13 +537,18 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
         t = phases.add("eval", t)
         _final_reports(cfg, method, scores, triplets, run_dir, tracker, step=max(iters, start))
         t = phases.add("reports", t)
+        path = checkpoint_path(run_dir)
         if not method.trains or iters == 0:  # e.g. AdaBN, or evaluating an init_from checkpoint
-            path = checkpoint_path(run_dir)
             if rank == 0:
-                save_checkpoint(path, method, 0, cfg, extra={"metrics": metrics})
+                save_checkpoint(path, method, 0, cfg, extra={"metrics": metrics}, lineage=ctx.lineage)
             if on_checkpoint is not None:
                 on_checkpoint(path, {"step": 0, **metrics})
-            phases.add("checkpoint", t)
+        elif on_checkpoint is not None:
+            # a run resumed after its last step (its process was stopped before it was recorded
+            # as finished): its final checkpoint is reported again, so that a continued row
+            # records its checkpoint as any other and its dependents can start from it
+            on_checkpoint(path, {"step": start, **metrics})
+        phases.add("checkpoint", t)
     seconds = time.perf_counter() - t_start
     # for overhead accounting (uda-ray bench study)
     tracker.log_metrics({"perf/fit_seconds": seconds, **phases.metrics()}, step=max(iters, start))
@@ -590,7 +642,8 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
             if ctx.world_size > 1 and not do_eval:
                 sync_buffers(method, ctx.world_size)
             if ctx.rank == 0:
-                path = save_checkpoint(checkpoint_path(run_dir), method, done, cfg, extra={"metrics": metrics})
+                path = save_checkpoint(checkpoint_path(run_dir), method, done, cfg, extra={"metrics": metrics},
+                                       lineage=ctx.lineage)
             else:
                 path = checkpoint_path(run_dir)
             if on_checkpoint is not None:

@@ -22,9 +22,13 @@ no R18 recipe: an R18 at 64x64 costs about 15x the TinyResNet per image, which w
 the "minutes on 2 cores" of first use an hour; ``r18_ppm`` loads torchvision's real
 ImageNet R18 (``model.pretrained=torchvision``) where a machine has it.
 
-The weights are cached under the embedded benchmark's root (``<data.root>/pretrain/``),
-built on first use under a lock (concurrent trials wait for one build), and rebuilt when
-the recipe or the data record changes. They are deterministic for a given machine and
+The weights and the domain they are trained on are cached in uda-ray's own cache folder
+(``<cache>/pretrain/``, :func:`pretrain_root`; the cache is ``$UDA_RAY_CACHE``, else
+``$XDG_CACHE_HOME/uda-ray``, else ``~/.cache/uda-ray``: :mod:`uda_ray.cache`), never in the
+user's data folder. They do not depend on the benchmark (the domain has its own generator
+and fixed seed), so one cache serves every ``data.root``. They are built on first use under
+a lock (concurrent trials wait for one build), and rebuilt when the recipe or the data
+record changes. They are deterministic for a given machine and
 thread count (fixed seed 0, whatever the row's ``run.seed``: a row's seeds share one
 initialisation, as every run of a paper shares the ImageNet weights).
 """
@@ -56,6 +60,14 @@ RECIPES = {
                      "weight_decay": 1e-4, "seed": 0},
 }
 PRETRAIN_DIR = "pretrain"
+
+
+def pretrain_root() -> Path:
+    """Where ``model.pretrained=embedded|embedded_seg`` and ``uda-ray pretrain`` keep the
+    pretraining domain and the weights: ``<cache>/pretrain`` (:func:`uda_ray.cache.cache_dir`)."""
+    from .cache import cache_dir
+
+    return cache_dir() / PRETRAIN_DIR
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -287,15 +299,18 @@ def _ensure_locked(root: Path, kind: str, progress: bool, data_counts: dict, rec
 
 def embedded_weights(cfg) -> Path:
     """The weights file ``model.pretrained=embedded|embedded_seg`` names for ``cfg``: the
-    cache under ``<data.root>/pretrain``, built on first use."""
+    cache under :func:`pretrain_root` (not under ``data.root``: nothing is written into the
+    user's data folder), built on first use."""
     kind, arch = cfg.model.pretrained, cfg.model.arch
     if arch not in ARCHS:
         raise ConfigError(f"model.pretrained={kind}: the embedded pretraining trains the TinyResNet encoder of "
                           f"{', '.join(ARCHS)}; model.arch={arch} takes 'torchvision' or a weights file")
     if not cfg.data.synth:
-        raise ConfigError(f"model.pretrained={kind}: the embedded weights live beside the embedded benchmark "
-                          f"(data.synth=true); with other data pass the file `uda-ray pretrain` prints")
-    return ensure_weights(Path(cfg.data.root) / PRETRAIN_DIR, kind)
+        raise ConfigError(f"model.pretrained={kind}: the embedded weights are the protocol of the embedded "
+                          f"benchmark (data.synth=true); with other data pass the file `uda-ray pretrain` prints")
+    from .cache import make_dir
+
+    return ensure_weights(make_dir(pretrain_root()), kind)
 
 
 def describe(path: Path) -> dict:

@@ -17,9 +17,13 @@ switches), the seeds of every row and, optionally, a search space per row. Runni
 5. prints the comparison table (:mod:`uda_ray.compare`).
 
 A failed trial is recorded as FAILED and the other rows go on; running the study again
-skips every row x seed already FINISHED with the same config, and continues the child run of
-one that is not (FAILED, or KILLED with its driver) instead of adding another. Only one
-process runs a study of a given name at a time (a lock in ``<out>/<name>/``).
+skips every row x seed already FINISHED with the same lineage (its config and, recursively,
+the run it started from: :mod:`uda_ray.checkpoint`), so that editing a row re-runs exactly
+the rows downstream of it, and continues the child run of one that is not (FAILED, or
+KILLED with its driver) instead of adding another. Ctrl-C (SIGINT) or SIGTERM stops the
+study's trials, marks its unfinished runs and the study's parent run KILLED and exits 130
+(143 for SIGTERM); running it again finishes it. Only one process runs a study of a given
+name at a time (a lock in ``<out>/<name>/``).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import tracking
-from .checkpoint import LockHeld, config_hash, owner_lock
+from .checkpoint import LockHeld, config_hash, lineage_hash, owner_lock
 from .config import build_config
+from .errors import UserError
 
 # The papers' protocol at CPU scale: the encoder pretrained on the embedded ImageNet stand-in
 # (uda_ray.pretrain) and BatchNorm frozen at its pretraining statistics, DeepLab-v2's
@@ -49,6 +54,12 @@ CURRICULUM_PROTOCOL = {"model.pretrained": "embedded_seg", "model.bn": "shared"}
 # BatchNorm shared by source and target batches, the regime the papers never ran (where an
 # adaptation row can gain from target images passing through BatchNorm alone).
 SHARED_BN = {"model.pretrained": "", "model.bn": "shared"}
+
+
+class StudyError(UserError, ValueError):
+    """A study that cannot run as declared (a row's init_from naming no row or itself, a
+    circular init_from, duplicate row names, a baseline that is not a row, a study script with
+    a syntax error): raised when the study is loaded, before anything runs."""
 
 
 @dataclass
@@ -104,16 +115,20 @@ class Study:
     def __post_init__(self):
         names = [r.name for r in self.rows]
         if len(set(names)) != len(names):
-            raise ValueError(f"study {self.name}: duplicate row names in {names}")
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise StudyError(f"study {self.name}: duplicate row names {dup} (each row needs its own name)")
         for r in self.rows:
+            if r.init_from == r.name:
+                raise StudyError(f"study {self.name}: row {r.name} starts from itself (init_from={r.init_from!r})")
             if r.init_from and r.init_from not in names:
-                raise ValueError(f"study {self.name}: row {r.name} starts from unknown row {r.init_from!r}")
+                raise StudyError(f"study {self.name}: row {r.name} starts from unknown row {r.init_from!r}; "
+                                 f"the rows are {names}")
             build_config({**self.base, **r.set}, method=r.method)  # fail early, naming the key
         if self.baseline and self.baseline not in names:
-            raise ValueError(f"study {self.name}: baseline {self.baseline!r} is not a row")
+            raise StudyError(f"study {self.name}: baseline {self.baseline!r} is not a row; the rows are {names}")
         self.stages()  # refuses a circular init_from (whose trials would wait for each other forever)
         if self.ray_train is False and (self.workers_per_trial > 1 or self.gpus_per_worker):
-            raise ValueError(f"study {self.name}: ray_train=False runs a trial in one CPU process; "
+            raise StudyError(f"study {self.name}: ray_train=False runs a trial in one CPU process; "
                              f"workers_per_trial={self.workers_per_trial} and gpus_per_worker="
                              f"{self.gpus_per_worker} need Ray Train")
 
@@ -161,7 +176,7 @@ class Study:
         while left:
             ready = [r for r in left if not r.init_from or r.init_from in done]
             if not ready:
-                raise ValueError(f"study {self.name}: circular init_from among {[r.name for r in left]}")
+                raise StudyError(f"study {self.name}: circular init_from among {[r.name for r in left]}")
             stages.append(ready)
             done |= {r.name for r in ready}
             left = [r for r in left if r.name not in done]
@@ -170,6 +185,7 @@ class Study:
     def main(self, argv: list[str] | None = None) -> int:
         """``python studies/NAME.py [--smoke-test] ...`` (same options as ``uda-ray study``)."""
         args = study_arg_parser().parse_args(argv)
+        tracking.resolve_uri(args.tracking_uri)  # an unsupported URI is refused before Ray starts
         return run_study(self, **vars(args))
 
 
@@ -228,7 +244,14 @@ def load_study(path: str | Path) -> Study:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # search spaces defined in the script are shipped by value
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        sys.modules.pop(name, None)
+        raise StudyError(f"{e.filename or path}:{e.lineno}: syntax error: {e.msg}") from None
+    except UserError as e:  # a study definition error (StudyError, a row's ConfigError): name the file
+        sys.modules.pop(name, None)
+        raise StudyError(f"{path}: {e}") from None
     study = getattr(module, "STUDY", None)
     if not isinstance(study, Study):
         raise UserError(f"{path}: not a study script (expected a module-level STUDY = Study(...))")
@@ -301,21 +324,44 @@ class StudyRecord:
         """The study's run list in the MLflow UI (:func:`uda_ray.tracking.runs_url`)."""
         return tracking.runs_url(self.tracking_uri, self.experiment_id)
 
-    def finished(self, row: str, seed: int, chash: str):
+    def finished(self, row: str, seed: int, *, lineage: str | None = None, chash: str | None = None):
+        """The FINISHED run of this row x seed of this ``lineage`` (or, where the lineage
+        cannot be known here, of this config hash ``chash``), None if there is none."""
+        key, value = ("lineage", lineage) if lineage is not None else ("config_hash", chash)
         for run in self.children(row=row, seed=str(seed), search="0"):
-            if run.info.status == "FINISHED" and run.data.tags.get("config_hash") == chash:
+            if run.info.status == "FINISHED" and run.data.tags.get(key) == value:
                 return run
         return None
 
-    def unfinished(self, row: str, seed: int, chash: str, search: str, trial: str):
-        """The latest child run of this row x seed (and search trial) and config that did not
-        finish (FAILED, or KILLED with its driver), to be continued rather than duplicated."""
-        runs = [r for r in self.children(row=row, seed=str(seed), search=search, trial=trial, config_hash=chash)
+    def select(self, run_id: str) -> None:
+        """Mark a row x seed's run as the one of the study's current definition (its lineage
+        now), which ``compare`` reports among the row x seed's finished runs."""
+        from .compare import SELECTED_TAG
+
+        self.client.set_tag(run_id, SELECTED_TAG, str(int(time.time() * 1000)))
+
+    def stop_unfinished(self, why: str) -> list[str]:
+        """Mark KILLED, with an ``error`` tag saying ``why``, every child run still RUNNING (the
+        trials of an interrupted study, whose processes were stopped). Returns their ids."""
+        killed = []
+        for run in self.children():
+            if run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, "error", why)
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                killed.append(run.info.run_id)
+        return killed
+
+    def unfinished(self, row: str, seed: int, search: str, trial: str, *, lineage: str, chash: str):
+        """The latest child run of this row x seed (and search trial) and lineage (its config
+        hash where the lineage is not known here) that did not finish (FAILED, or KILLED with
+        its driver), to be continued rather than duplicated."""
+        key = {"lineage": lineage} if lineage else {"config_hash": chash}
+        runs = [r for r in self.children(row=row, seed=str(seed), search=search, trial=trial, **key)
                 if r.info.status != "FINISHED"]
         return max(runs, key=lambda r: r.info.start_time or 0, default=None)
 
-    def finish(self) -> None:
-        self.client.set_terminated(self.parent_id, "FINISHED")
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_id, status)
 
 
 # --- the trial driver (runs inside a Tune trial) --------------------------------------------
@@ -339,6 +385,9 @@ def drive_trial(config: dict, ctx: dict) -> None:
     if t.get("init_from"):
         flat["run.init_from"] = t["init_from"]
     flat = build_config(flat).flat()  # validates sampled values, naming the key
+    # the lineage this trial's fit will have (its config over what it starts from; the engine
+    # computes and records the same from the checkpoint or weights it loads)
+    lineage = lineage_hash(config_hash(flat), t["start"]) if t.get("start") else ""
     search = "1" if "search" in config or (sampled and "trial" not in config) else "0"
     tid = distributed.trial_id()
     record = StudyRecord.attach(ctx)
@@ -348,13 +397,15 @@ def drive_trial(config: dict, ctx: dict) -> None:
     parent_tags = client.get_run(ctx["parent_id"]).data.tags
     tags = {"mlflow.parentRunId": ctx["parent_id"], "study": ctx["study"], "seed": str(seed), "search": search,
             "config_hash": config_hash(flat), "uda_ray.tune_trial": tid, **t.get("tags", {}),
+            **({"lineage": lineage} if lineage else {}),
             **{k: v for k, v in parent_tags.items() if k.startswith(("mlflow.source.", "mlflow.user"))}}
     if search == "1":
         tags.update({"uda_ray.kind": "search_trial", "search_row": row, "trial": tid})
     else:
         tags.update({"uda_ray.kind": "row", "row": row})
     run_name = f"{row}-s{seed}" + (f"-{tid}" if search == "1" else "")
-    earlier = record.unfinished(row, seed, tags["config_hash"], search, tags.get("trial", ""))
+    earlier = record.unfinished(row, seed, search, tags.get("trial", ""), lineage=lineage,
+                                chash=tags["config_hash"])
     if earlier is not None:  # a re-run continues the row x seed's unfinished child run
         run_id = earlier.info.run_id
         tracking.reopen(client, run_id)
@@ -363,10 +414,11 @@ def drive_trial(config: dict, ctx: dict) -> None:
     else:
         run_id = client.create_run(ctx["experiment_id"], run_name=run_name,
                                    tags={**tags, **tracking.owner_tags()}).info.run_id
-    # The run directory and Ray's run name carry the config hash: a row whose config changed
-    # between two runs of the study (an edited study script) trains anew in its own directory
-    # instead of meeting the old config's checkpoint (which would be refused).
-    dir_name = f"{run_name}-{tags['config_hash']}"
+    # The run directory and Ray's run name carry the lineage: a row whose config or parent
+    # changed between two runs of the study (an edited study script, an edited upstream row)
+    # trains anew in its own directory instead of meeting the old run's checkpoint (which
+    # would be refused).
+    dir_name = f"{run_name}-{lineage or tags['config_hash']}"
     run_dir = str(Path(ctx["out"]) / ctx["study"] / dir_name)
     mlflow = {"experiment": ctx["study"], "tracking_uri": ctx["tracking_uri"], "run_id": run_id}
     try:
@@ -387,10 +439,12 @@ def drive_trial(config: dict, ctx: dict) -> None:
             client.set_tag(run_id, "checkpoint", checkpoint)
         client.log_metric(run_id, "perf/driver_start_unix", t_start)
         client.log_metric(run_id, "perf/driver_end_unix", time.time())
+        if search == "0":
+            record.select(run_id)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as e:
         client.set_tag(run_id, "error", tracking.error_text(e))
-        client.set_terminated(run_id, "FAILED")
+        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         from .errors import UserError
 
         if isinstance(e, UserError):  # deterministic (a config, a diverged run): a retry would fail again
@@ -406,7 +460,8 @@ def run_study(study: Study, *, smoke_test: bool = False, address: str | None = N
               max_concurrent: int | None = None, out: str = "runs", env: dict | None = None,
               tune_callbacks: list | None = None, variant: str | None = None) -> int:
     """Run ``study`` (see the module's docstring). Returns 0; 1 when a trial failed; 2 when
-    another process is running the study of the same name (it holds ``<out>/<name>/.study.lock``).
+    another process is running the study of the same name (it holds ``<out>/<name>/.study.lock``);
+    128 + the signal's number (130, 143) when SIGINT or SIGTERM stopped it.
     ``env``: environment variables of the trials' training processes; ``tune_callbacks``:
     Tune callbacks of every Tune run (e.g. timing, :mod:`uda_ray.bench_study`); ``variant``:
     run :meth:`Study.variant` of that name instead."""
@@ -469,9 +524,42 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     ctx["flats"] = flats = {row.name: {str(seed): study.flat(row, seed, smoke_test) for seed in seeds}
                             for row in study.rows}
     best_values: dict[str, dict] = {}  # a search row's best sampled values, once known
+    starts: dict[str, str | None] = {}  # a root row's start identity by config hash
 
     def source(row: Row, seed: int):
         return (row.init_from, seed) if row.init_from else None
+
+    def start_of(flat: dict) -> str | None:
+        """A root row's start identity (its pretrained weights' hash), None where the weights
+        file is not visible from this process (e.g. torchvision's cache only on the workers):
+        such a row is then matched by its config hash alone."""
+        key = config_hash(flat)
+        if key not in starts:
+            from .models.from_config import start_of
+
+            try:
+                starts[key] = start_of(build_config(flat))
+            except FileNotFoundError:
+                starts[key] = None
+        return starts[key]
+
+    def finished_run(name: str, seed: int, values: dict):
+        """The FINISHED run of row ``name`` x ``seed`` (with ``values`` over its config, a
+        search's best) whose lineage is this study's: its config hash over the lineage of
+        the finished run of its ``init_from`` row, recursively, or over its start identity."""
+        row = study.row(name)
+        flat = {**flats[name][str(seed)], **values}
+        chash = config_hash(flat)
+        if row.init_from:
+            parent = finished_run(row.init_from, seed, best_values.get(row.init_from, {}))
+            start = parent.data.tags.get("lineage") if parent is not None else None
+            if not start:
+                return None
+        else:
+            start = start_of(flat)
+            if start is None:
+                return record.finished(name, seed, chash=chash)
+        return record.finished(name, seed, lineage=lineage_hash(chash, start))
 
     def resolve(job: dict) -> tuple[str, str]:
         """('run', init_from checkpoint or ''), ('skip', '') or ('fail', why) for a row x seed
@@ -479,15 +567,18 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
         row = study.row(job["row"])
         init_from = ""
         if row.init_from:
-            src_flat = {**flats[row.init_from][str(job["seed"])], **best_values.get(row.init_from, {})}
-            src = record.finished(row.init_from, job["seed"], config_hash(src_flat))
+            src = finished_run(row.init_from, job["seed"], best_values.get(row.init_from, {}))
             if src is None or "checkpoint" not in src.data.tags:
                 return "fail", f"its init_from row {row.init_from} has no finished run"
             init_from = src.data.tags["checkpoint"]
+            job["start"] = src.data.tags["lineage"]
+        else:
+            job["start"] = start_of({**flats[row.name][str(job["seed"])], **job["set"]})
         if job.get("search"):
             return "run", init_from
-        if record.finished(row.name, job["seed"], config_hash({**flats[row.name][str(job["seed"])], **job["set"]})):
+        if (done := finished_run(row.name, job["seed"], job["set"])) is not None:
             print(f"  {row.name} s{job['seed']}: already finished, skipped")
+            record.select(done.info.run_id)
             return "skip", ""
         return "run", init_from
 
@@ -498,11 +589,14 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     from ._tune_schedule import RowScheduler, search_only_asha
 
     scheduler = RowScheduler(jobs, searches, resolve=resolve, metric=study.objective, mode=study.mode)
-    grid = distributed.tune_rows(
-        drive_trial_with(ctx), search_alg=scheduler, storage_path=storage_path,
-        scheduler=search_only_asha(study.asha, study.objective, study.mode) if study.asha else None,
-        name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", max_concurrent=conc,
-        callbacks=tune_callbacks, **tune_kw)
+    with distributed.StopOnSignal() as stop:
+        grid = distributed.tune_rows(
+            drive_trial_with(ctx), search_alg=scheduler, storage_path=storage_path,
+            scheduler=search_only_asha(study.asha, study.objective, study.mode) if study.asha else None,
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", max_concurrent=conc,
+            callbacks=tune_callbacks, **tune_kw)
+    if stop.signal:
+        return _interrupted(record, name, stop.signal)
     for r in grid:
         error = r.error if r.error is not None else (r.metrics or {}).get(distributed.ERROR_KEY)
         if error is not None:
@@ -521,6 +615,20 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
             print(f"  {f}")
     print(closing_message(record, result.files, tracking_uri=tracking_uri))
     return 1 if failed else 0
+
+
+def _interrupted(record: StudyRecord, name: str, signum: int) -> int:
+    """After SIGINT or SIGTERM stopped the study's trials: its unfinished runs and its parent
+    run are KILLED (a re-run continues them); the exit status is 128 + the signal's number."""
+    import signal
+
+    sig = signal.Signals(signum).name
+    killed = record.stop_unfinished(f"killed: the study was interrupted ({sig}) while this trial ran")
+    record.finish("KILLED")
+    print(f"study {name}: interrupted ({sig}); {len(killed)} unfinished run(s) and the study's run marked KILLED. "
+          f"Run the same command again to finish it: finished rows are kept, stopped ones resume from their "
+          f"last checkpoint.", file=sys.stderr)
+    return 128 + signum
 
 
 def closing_message(record: StudyRecord, files: list, *, tracking_uri: str | None = None) -> str:

@@ -64,10 +64,32 @@ def file_lock(path: str | Path, *, blocking: bool = True):
 
 
 def resolve_uri(uri: str | None = None) -> str:
-    """``uri``, or MLflow's default (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``)."""
+    """``uri``, or MLflow's default (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
+
+    Raises:
+        UserError: a URI that no MLflow tracking store reads (an unknown scheme such as
+            ``garbage://x``), naming it and the schemes that work, before anything is
+            tracked (MLflow itself fails only when a client is opened, with a traceback).
+    """
     import mlflow
 
-    return uri or mlflow.get_tracking_uri()
+    resolved = uri or mlflow.get_tracking_uri()
+    try:  # MLflow's registry of tracking stores by URI scheme (the lookup opens nothing)
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    except ImportError:  # a private name moved: MLflow's own error says it when a client opens
+        return resolved
+    try:
+        _tracking_store_registry.get_store_builder(resolved)
+    except MlflowException:
+        from .errors import UserError
+
+        where = "tracking URI" if uri else "MLFLOW_TRACKING_URI"
+        raise UserError(f"{where} {resolved!r}: MLflow has no tracking store of that scheme; use "
+                        "sqlite:///PATH (a database file, e.g. sqlite:///mlflow.db), http://HOST:PORT or "
+                        "https://HOST:PORT (a tracking server), a folder path or file:///PATH (a file store), "
+                        "or postgresql://, mysql:// or mssql:// (a database server)") from None
+    return resolved
 
 
 def mlflow_client(uri: str | None = None):

@@ -43,6 +43,13 @@ Determinism. Image ``i`` of a domain draws from ``SeedSequence((seed, domain, i)
 spawned streams: scene layout, appearance, sensor noise), so the output is byte-identical
 for the same arguments whatever ``workers`` is, and regimes that share the layout knob
 show the same scenes.
+
+Ownership. Generated data is the user's data once written: the implicit first use inside
+``train`` and ``study`` (:func:`ensure_benchmark`) generates only where there is no
+benchmark yet, uses an existing one as it is (whatever its image counts), and refuses one
+whose seed, regime, generator version or image sizes differ from the config's, saying what
+differs; it never deletes one. Only the explicit ``uda-ray data synth --out DIR``
+(:func:`generate`) replaces the benchmark it wrote there before.
 """
 
 from __future__ import annotations
@@ -1152,8 +1159,8 @@ class SynthArgumentError(UserError, ValueError):
 
 
 # What the generator writes in its folder; a folder holding anything else is not the benchmark's.
-# ``pretrain``: the embedded pretraining domain and its weights (uda_ray.pretrain), which live
-# beside the benchmark and survive its regeneration.
+# ``pretrain``: the embedded pretraining domain that ``uda-ray data synth --pretrain`` writes
+# beside the benchmark (and earlier versions' first-use weights cache), kept by a regeneration.
 OWN_ENTRIES = ("gta5", "cityscapes", "synth.json", ".synth_partial", "pretrain")
 
 
@@ -1200,8 +1207,9 @@ def generate(out, *, seed=0, n_source=DEFAULT_N_SOURCE, n_target=DEFAULT_N_TARGE
     """Write the benchmark under ``out`` (layout in the module docstring); return a summary.
 
     ``shift`` overrides ``regime`` (recorded as the matching regime name, else "custom").
-    A previous benchmark in ``out`` is replaced; a folder holding anything else is refused
-    (:class:`DatasetError`), and nothing of it is touched.
+    A previous benchmark in ``out`` is replaced (this is the explicit request, ``uda-ray data
+    synth``; first use goes through :func:`ensure_benchmark`, which never replaces one); a folder
+    holding anything else is refused (:class:`DatasetError`), and nothing of it is touched.
     The summary has ``seconds``, ``counts`` and ``class_freq`` (per domain, the fraction of
     labelled pixels of each of the 19 classes, plus ``ignore``: the void fraction of all pixels).
     """
@@ -1266,9 +1274,37 @@ def generate(out, *, seed=0, n_source=DEFAULT_N_SOURCE, n_target=DEFAULT_N_TARGE
             "regime": params["regime"], "class_freq": freq}
 
 
+# What in synth.json changes the data: a benchmark that differs from what is asked for in one of
+# these is another benchmark. The image counts are not here: more or fewer images of the same
+# generator are the same benchmark, and a user who generated a small one meant it.
+DATA_FIELDS = ("version", "seed", "regime", "shift", "source_size", "target_size")
+
+
+class BenchmarkMismatch(DatasetError):
+    """The benchmark at ``out`` was generated with other data-changing parameters than asked
+    for. ``diffs`` lists ``(field, benchmark's value, asked value)``; ``have`` is its record."""
+
+    def __init__(self, out: Path, have: dict, diffs: list[tuple[str, object, object]]):
+        self.out, self.have, self.diffs = out, have, diffs
+        was = ", ".join(f"{f} {h!r}" for f, h, _ in diffs)
+        asked = ", ".join(f"{f} {w!r}" for f, _, w in diffs)
+        super().__init__(f"{out} holds the embedded benchmark generated with {was}; asked for {asked}; it is "
+                         f"kept as it is: generate the other one elsewhere (uda-ray data synth --out DIR)")
+
+
 def ensure_benchmark(out, **kw) -> Path:
-    """Generate the benchmark unless ``out/synth.json`` records the same parameters (with a
-    progress bar unless ``progress=False``: first use inside ``train`` and ``study``)."""
+    """The benchmark at ``out``, generated only if there is none (with a progress bar unless
+    ``progress=False``): the implicit first use inside ``train`` and ``study``.
+
+    Generated data is the user's data once written, so this never replaces a complete
+    benchmark (``synth.json``): it is used as it is when it differs from what is asked for only
+    in its image counts (a small one generated on purpose), and refused with
+    :class:`BenchmarkMismatch` when it differs in what changes the data (:data:`DATA_FIELDS`:
+    seed, regime/shift, generator version, image sizes). An unreadable ``synth.json`` is
+    refused too. Only a half-written one (``.synth_partial``, no ``synth.json``) is written
+    again, and :func:`generate` refuses a folder holding anything it did not write.
+    ``uda-ray data synth --out DIR`` (:func:`generate`) is the explicit way to replace one.
+    """
     kw.setdefault("progress", True)
     out = Path(out)
     gen_kw = {k: kw[k] for k in ("seed", "n_source", "n_target", "n_val", "regime", "shift") if k in kw}
@@ -1281,12 +1317,19 @@ def ensure_benchmark(out, **kw) -> Path:
     if marker.exists():
         try:
             have = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            have = None
-        if have is not None and {k: have.get(k) for k in want} == want:
-            return out
+            if not isinstance(have, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{marker}: unreadable ({e}); the benchmark it marks is kept: regenerate it with "
+                               f"uda-ray data synth --out {out}, or use another folder") from None
+        diffs = [(k, have.get(k), want[k]) for k in DATA_FIELDS if have.get(k) != want[k]]
+        if have.get("regime") != want["regime"] and "custom" not in (have.get("regime"), want["regime"]):
+            diffs = [d for d in diffs if d[0] != "shift"]  # two named regimes: their names say it
+        if diffs:
+            raise BenchmarkMismatch(out, have, diffs)
+        return out
     # Said where, in full: a relative out depends on the current folder.
-    why = "its parameters changed" if marker.exists() else "first use"
+    why = "an interrupted generation" if (out / ".synth_partial").is_file() else "first use"
     print(f"generating the embedded benchmark in {out.resolve()} ({why}) ...", file=sys.stderr, flush=True)
     generate(out, **kw)
     return out

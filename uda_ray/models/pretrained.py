@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from uda_ray.errors import UserError
+
 # torchvision's standard IMAGENET1K_V1 file names (the name includes a hash prefix).
 TORCHVISION_FILES: dict[str, str] = {
     "resnet101": "resnet101-63fe2227.pth",
@@ -65,19 +67,44 @@ def select_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+class WeightsError(UserError, RuntimeError):
+    """``model.pretrained`` names a file that is not weights of this backbone (unreadable, not
+    a state dict of tensors, or keys or shapes that do not fit)."""
+
+
+_EXPECTED = "expected a torch state dict of tensors (torch.save(model.state_dict(), FILE), loaded with " \
+            "weights_only=True)"
+
+
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Read a state dict (tensors only) from ``path``.
 
     Accepts a plain state dict, one wrapped under ``"state_dict"`` or ``"model"`` (common
     checkpoint layouts), with or without DataParallel's ``module.`` prefix, and a whole
     segmenter's state dict (its ``backbone.`` part is taken).
+
+    Raises:
+        WeightsError: the file is not a torch file that ``weights_only=True`` loads (a text
+            file, a pickle of other objects, a truncated file), or holds something other than
+            a mapping of names to tensors.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch.load raises UnpicklingError, EOFError, KeyError, RuntimeError...)
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise WeightsError(f"model.pretrained: {path} is not readable as weights ({type(e).__name__}: {why}); "
+                           f"{_EXPECTED}") from None
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"model.pretrained: {path} holds a {type(state).__name__}; {_EXPECTED}")
     for key in ("state_dict", "model"):
         if isinstance(state.get(key), Mapping):
             state = state[key]
-    if state and all(k.startswith("module.") for k in state):
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
         state = select_prefix(state, "module.")
-    if any(k.startswith("backbone.") for k in state):
+    if any(isinstance(k, str) and k.startswith("backbone.") for k in state):
         state = select_prefix(state, "backbone.")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad or not state:
+        what = f"{bad[0]!r} is a {type(state[bad[0]]).__name__}" if bad else "it is empty"
+        raise WeightsError(f"model.pretrained: {path} is not a state dict of tensors ({what}); {_EXPECTED}")
     return dict(state)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from uda_ray.models.backbones import ResNetBackbone, TinyResNet, VGGBackbone
 from uda_ray.models.heads import DEEPLAB_V2_RATES, ASPPClassifier, PPMDecoder
-from uda_ray.models.pretrained import read_state_dict, resolve_pretrained
+from uda_ray.models.pretrained import WeightsError, read_state_dict, resolve_pretrained
 
 
 class SegOutput(NamedTuple):
@@ -81,10 +81,29 @@ class Segmenter(nn.Module):
             return
         path = resolve_pretrained(pretrained, arch=self.torchvision_arch)
         self.pretrained_file = str(path)  # which file it was, for the run's record (engine.run_tags)
+        state = read_state_dict(path)  # WeightsError: not a state dict of tensors
         try:
-            self.backbone.load_imagenet_state_dict(read_state_dict(path))
+            self.backbone.load_imagenet_state_dict(state)
         except RuntimeError as e:
-            raise RuntimeError(f"{path} does not fit the {type(self).__name__} backbone: {e}") from e
+            raise WeightsError(f"model.pretrained: {path} does not fit the {type(self).__name__} backbone "
+                               f"({_misfit(str(e))})") from None
+
+
+def _misfit(message: str) -> str:
+    """``load_state_dict``'s error (every missing and unexpected key, each mis-shaped tensor
+    on its own line) as counts with one example each, for a one-line message."""
+    import re
+
+    parts = []
+    for line in message.splitlines()[1:]:
+        m = re.match(r"\s*(Missing|Unexpected) key\(s\) in state_dict: (.*)", line)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(2))
+            parts.append(f"{len(keys)} {m.group(1).lower()} keys, e.g. {keys[0]!r}" if keys else line.strip())
+    sizes = [line.strip() for line in message.splitlines() if line.strip().startswith("size mismatch for ")]
+    if sizes:
+        parts.append(f"{len(sizes)} tensors of another shape, e.g. {sizes[0][len('size mismatch for '):][:160]}")
+    return "; ".join(parts) or message.splitlines()[0][:200]
 
 
 class DeepLabV2ResNet101(Segmenter):
