@@ -364,7 +364,7 @@ def test_ctrl_c_stops_a_study_and_a_rerun_equals_an_uninterrupted_one(cluster, d
     assert parent.info.status == "KILLED"
     children = [r for r in runs if r.data.tags.get("uda_ray.kind") == "row"]
     assert children and "RUNNING" not in {r.info.status for r in children}
-    assert "KILLED" in {r.info.status for r in children}
+    assert "KILLED" in {r.info.status for r in children}, [(r.info.status, r.data.tags.get("error")) for r in children]
     assert not any(r.data.tags["row"] == "ad" and r.info.status == "FINISHED" for r in children)
 
     # the re-run finishes the study: one run per row x seed, equal seed for seed to the reference

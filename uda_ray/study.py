@@ -443,8 +443,11 @@ def drive_trial(config: dict, ctx: dict) -> None:
             record.select(run_id)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as e:
-        client.set_tag(run_id, "error", tracking.error_text(e))
-        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        # Stopped rather than failed: Ctrl-C, or Tune ending the trial's actor (SystemExit in
+        # its thread) when the study is interrupted; a re-run continues it like any KILLED run.
+        stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
+        client.set_tag(run_id, "error", ("killed: the trial was stopped; " if stopped else "") + tracking.error_text(e))
+        client.set_terminated(run_id, "KILLED" if stopped else "FAILED")
         from .errors import UserError
 
         if isinstance(e, UserError):  # deterministic (a config, a diverged run): a retry would fail again
