@@ -532,7 +532,7 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     def source(row: Row, seed: int):
         return (row.init_from, seed) if row.init_from else None
 
-    def start_of(flat: dict) -> str | None:
+    def root_start(flat: dict) -> str | None:
         """A root row's start identity (its pretrained weights' hash), None where the weights
         file is not visible from this process (e.g. torchvision's cache only on the workers):
         such a row is then matched by its config hash alone."""
@@ -559,7 +559,7 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
             if not start:
                 return None
         else:
-            start = start_of(flat)
+            start = root_start(flat)
             if start is None:
                 return record.finished(name, seed, chash=chash)
         return record.finished(name, seed, lineage=lineage_hash(chash, start))
@@ -576,7 +576,7 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
             init_from = src.data.tags["checkpoint"]
             job["start"] = src.data.tags["lineage"]
         else:
-            job["start"] = start_of({**flats[row.name][str(job["seed"])], **job["set"]})
+            job["start"] = root_start({**flats[row.name][str(job["seed"])], **job["set"]})
         if job.get("search"):
             return "run", init_from
         if (done := finished_run(row.name, job["seed"], job["set"])) is not None:
