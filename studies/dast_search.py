@@ -18,6 +18,12 @@ Rows:
 Selection reads ``sel/mIoU`` (held-out labelled target-train images), never the reported
 val split. Scale: ``study-cpu`` (see ``dast_table3.py``).
 
+Early stopping (``asha=True``): each search's trials evaluate the selection split every 300
+steps (a third of their 900) and ASHA (reduction factor 3, one per search) stops a trial that
+is below the best third of its search's trials at step 300; a stopped trial is recorded
+KILLED with a ``pruned`` tag, counted among the 6 and never the best. The rows' seed runs
+(and the best's re-runs) are never stopped.
+
 Protocol: the papers' (``PAPER_PROTOCOL``, studies/README.md "Protocol": the embedded
 ImageNet stand-in's encoder, BatchNorm frozen at its statistics), stages 3x the earlier
 tables' lengths. ``--variant shared_bn``: the earlier tables' regime as
@@ -55,6 +61,7 @@ STUDY = Study(
     seeds=(0, 1, 2),
     baseline="source_only",
     max_concurrent=2,
+    asha=True,  # search trials judged on sel/mIoU at a third of their iterations (see above)
     smoke={"run.iterations": 2},
     variants={"shared_bn": SHARED_BN},
 )

@@ -17,6 +17,13 @@ Rows:
 Adaptation rows run 450 iterations from the source-only checkpoint of the same seed, with the
 WTM learning rate scaled like the study-cpu segmenter's (see ``studies/jal_table4.py``).
 
+Early stopping (``asha=True``): each search's trials evaluate the selection split every 150
+steps (a third of their 450; checkpoints then every 150 too) and ASHA (reduction factor 3,
+one per search) stops a trial that is below the best third of its search's trials at step
+150, e.g. the collapsed trials of ``jal_search``; a stopped trial is recorded KILLED with a
+``pruned`` tag, counted among the row's trials and never the best. The rows' seed runs (and
+the best's re-runs) are never stopped.
+
 Protocol: the papers' (``PAPER_PROTOCOL``, studies/README.md "Protocol": the embedded
 ImageNet stand-in's encoder, BatchNorm frozen at its statistics), stages 3x the earlier
 tables' lengths. ``--variant shared_bn``: the earlier tables' regime as
@@ -66,6 +73,7 @@ STUDY = Study(
     seeds=(0, 1, 2),
     baseline="source_only",
     max_concurrent=2,
+    asha=True,  # search trials judged on sel/mIoU at a third of their iterations (see above)
     smoke={"run.iterations": 2},
     variants={"shared_bn": SHARED_BN},
 )

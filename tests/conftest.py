@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny data tree in the real layouts (GTA5 source, Cityscapes target), and
-uda-ray's cache (``UDA_RAY_CACHE``) in a temporary folder for the whole session."""
+uda-ray's cache (``UDA_RAY_CACHE``) in a temporary folder for the whole session, and a stage
+store (``UDA_RAY_STORE``) per test."""
 
 import os
 
@@ -19,6 +20,14 @@ def uda_ray_cache(tmp_path_factory):
         os.environ.pop("UDA_RAY_CACHE", None)
     else:
         os.environ["UDA_RAY_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def uda_ray_store(tmp_path, monkeypatch):
+    """Each test has its own stage store (``UDA_RAY_STORE``): a stage one test trained is never
+    reused by another, and nothing is written into the checkout's ./runs."""
+    monkeypatch.setenv("UDA_RAY_STORE", str(tmp_path / "stage-store"))
+    return tmp_path / "stage-store"
 
 
 @pytest.fixture(scope="session")

@@ -193,7 +193,7 @@ def test_per_seed_table(result, store):
     import pandas as pd
 
     s = result.seeds
-    assert list(s.columns[:9]) == ["row", "method", "seed", "status", "counted", "run_id", "mIoU", "sel_mIoU",
+    assert list(s.columns[:10]) == ["row", "method", "seed", "status", "counted", "run_id", "reused", "mIoU", "sel_mIoU",
                                    "delta_paired"]
     ad = s[s["row"] == "adaptseg"]
     assert list(ad["seed"]) == ["0", "1", "2", "3"] and list(ad["counted"]) == [True, True, True, False]

@@ -17,6 +17,7 @@ from uda_ray.checkpoint import (FORMAT, SCRATCH, CheckpointError, checkpoint_pat
                                 lineage_hash, lineage_of, load_checkpoint_file)
 from uda_ray.cli import main as cli
 from uda_ray.engine import fit
+from uda_ray.fingerprint import stage_context
 from uda_ray.models.from_config import start_of
 
 
@@ -26,12 +27,12 @@ def test_the_lineage_is_the_config_over_the_parent_recursively(data_root, tmp_pa
     state = load_checkpoint_file(src.run_dir)
     # a root run from random weights: its config hash over "scratch"
     assert state["parent_lineage"] == SCRATCH
-    assert state["lineage"] == lineage_hash(config_hash(src_cfg.flat()), SCRATCH)
+    assert state["lineage"] == lineage_hash(config_hash(src_cfg.flat()), SCRATCH, stage_context(src_cfg))
     ad_cfg = tiny_cfg(data_root, tmp_path, "adaptseg", **{"run.iterations": 1, "run.name": "ad",
                                                            "run.init_from": str(src.run_dir)})
     ad = load_checkpoint_file(fit(ad_cfg).run_dir)
     assert ad["parent_lineage"] == state["lineage"] and ad["parent"] == str(src.run_dir)
-    assert ad["lineage"] == lineage_hash(config_hash(ad_cfg.flat()), state["lineage"])
+    assert ad["lineage"] == lineage_hash(config_hash(ad_cfg.flat()), state["lineage"], stage_context(ad_cfg))
     # the name and folder of a run are not its identity; its parent is
     assert lineage_of(tiny_cfg(data_root, tmp_path / "elsewhere", "adaptseg", **{
         "run.iterations": 1, "run.name": "other", "run.init_from": str(src.run_dir)}))["lineage"] == ad["lineage"]

@@ -28,12 +28,18 @@ class RowScheduler(Searcher):
     ``jobs``: ``{"row", "seed", "after": (row, seed) or None, "set": {...}, "tags": {...}}``.
     ``searches``: ``{"row", "seed", "after", "seeds", "todo": trials still to run,
     "make": () -> Optuna searcher, "best": () -> (best values, trial) or None,
-    "init_from_of": seed -> (row, seed) or None}``.
+    "init_from_of": seed -> (row, seed) or None}``, and optionally ``"iterations"`` (its
+    trials' ``run.iterations``) and ``"set"`` (flat values of its trials only, e.g. the
+    intermediate evaluations a trial scheduler judges).
+    ``pruned``: trial id -> (row, step) of the search trials a trial scheduler stopped early
+    (:func:`search_only_asha`'s): told to Optuna as PRUNED, never COMPLETE with a partial value.
     """
 
     def __init__(self, jobs: list[dict], searches: list[dict], *, resolve: Callable[[dict], tuple[str, str]],
-                 metric: str, mode: str):
+                 metric: str, mode: str, pruned: dict | None = None):
         super().__init__(metric=metric, mode=mode)
+        self.pruned = pruned if pruned is not None else {}
+        self.trial_iterations: dict[str, int] = {}  # search trial id -> its run.iterations
         self.pending = list(jobs)
         self.searches = {s["row"]: {**s, "searcher": None, "running": set(), "init_from": None, "start": None}
                          for s in searches}
@@ -101,8 +107,10 @@ class RowScheduler(Searcher):
             s["todo"] -= 1
             s["running"].add(trial_id)
             self.running[trial_id] = ("search", s["row"])
+            if s.get("iterations") is not None:
+                self.trial_iterations[trial_id] = int(config.get("run.iterations", s["iterations"]))
             return {**config, "search": {"row": s["row"], "seed": s["seed"], "init_from": s["init_from"],
-                                         "start": s["start"]}}
+                                         "start": s["start"], **({"set": s["set"]} if s.get("set") else {})}}
         if not self.pending and not self.running and all(s["todo"] <= 0 for s in self.searches.values()):
             return Searcher.FINISHED
         if not self.running:  # everything left waits for something that cannot start: never wait forever
@@ -130,7 +138,15 @@ class RowScheduler(Searcher):
             self.status[what] = "failed" if error else "done"
         elif kind == "search":
             s = self.searches[what]
-            s["searcher"].on_trial_complete(trial_id, result=result, error=error)
+            step, iterations = (result or {}).get("step"), self.trial_iterations.pop(trial_id, None)
+            if trial_id in self.pruned:  # stopped early by the trial scheduler: PRUNED (no value)
+                s["searcher"].on_trial_complete(trial_id, result=None, error=False)
+            elif not error and step is not None and iterations is not None and step < iterations:
+                # stopped before its last step otherwise (the study interrupted): its value is
+                # no result, and a partial one must never win the search
+                s["searcher"].on_trial_complete(trial_id, result=None, error=True)
+            else:
+                s["searcher"].on_trial_complete(trial_id, result=result, error=error)
             s["running"].discard(trial_id)
             if s["todo"] <= 0 and not s["running"]:
                 self._search_done(s)
@@ -156,29 +172,68 @@ class RowScheduler(Searcher):
         raise NotImplementedError  # a re-run of the study rebuilds the queue from MLflow
 
 
-def search_only_asha(asha: dict, metric: str, mode: str):
-    """ASHA that judges (and stops) only a search row's Optuna trials, never a row's seed runs."""
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+def search_only_asha(rows: dict[str, dict], metric: str, mode: str,
+                     on_stop: Callable[[str, str, int], None] | None = None):
+    """ASHA that judges (and stops) only a search row's Optuna trials, never a row's seed runs.
 
-    class SearchOnlyASHA(ASHAScheduler):
-        def _ours(self, trial) -> bool:
-            return "search" in (trial.config or {})
+    ``rows``: search row -> ``{"iterations", "grace_period", "reduction_factor", "brackets"}``
+    (:func:`uda_ray.study.asha_of`). Each search row has its own ASHA (its own rungs, on the
+    training ``step``, ``max_t`` its trials' iterations): trials of two searches (another
+    method, another starting checkpoint) are never compared. It reads ``metric`` (the study's
+    objective, ``sel/mIoU``) from the reports that carry it (those at evaluation steps).
+    A trial's last report (its step reaching its iterations) is never stopped: it has its
+    result. A stopped trial is kept in ``pruned`` (trial id -> (row, step)) and ``on_stop(trial
+    id, row, step)`` is called before Tune stops it (its ``ray.tune.report`` then raises
+    ``SystemExit(0)`` in the trial's thread)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+    class SearchOnlyASHA(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.rows = {row: dict(spec) for row, spec in rows.items()}
+            self.asha = {row: ASHAScheduler(metric=metric, mode=mode, time_attr="step", max_t=spec["iterations"],
+                                            grace_period=spec["grace_period"],
+                                            reduction_factor=spec["reduction_factor"],
+                                            brackets=spec.get("brackets", 1))
+                         for row, spec in self.rows.items()}
+            self.pruned: dict[str, tuple[str, int]] = {}
+
+        def _row(self, trial) -> str | None:
+            row = ((trial.config or {}).get("search") or {}).get("row")
+            return row if row in self.asha else None
 
         def on_trial_add(self, tune_controller, trial):
-            if self._ours(trial):
-                super().on_trial_add(tune_controller, trial)
+            if (row := self._row(trial)) is not None:
+                self.asha[row].on_trial_add(tune_controller, trial)
 
         def on_trial_result(self, tune_controller, trial, result):
-            if self._ours(trial):
-                return super().on_trial_result(tune_controller, trial, result)
-            return TrialScheduler.CONTINUE
+            row = self._row(trial)
+            if row is None:
+                return TrialScheduler.CONTINUE
+            action = self.asha[row].on_trial_result(tune_controller, trial, result)
+            step = result.get("step")
+            iterations = (trial.config or {}).get("run.iterations", self.rows[row]["iterations"])
+            if action != TrialScheduler.STOP or step is None or step >= iterations:
+                return TrialScheduler.CONTINUE  # its last report: a result, not a trial to stop
+            self.pruned[trial.trial_id] = (row, int(step))
+            if on_stop is not None:
+                try:
+                    on_stop(trial.trial_id, row, int(step))
+                except Exception as e:  # completed after the Tune run (StudyRecord.mark_pruned(final=True))
+                    import logging
+
+                    logging.getLogger(__name__).warning("recording the stop of trial %s: %s", trial.trial_id, e)
+            return TrialScheduler.STOP
 
         def on_trial_complete(self, tune_controller, trial, result):
-            if self._ours(trial):
-                super().on_trial_complete(tune_controller, trial, result)
+            if (row := self._row(trial)) is not None and trial.trial_id in self.asha[row]._trial_info:
+                self.asha[row].on_trial_complete(tune_controller, trial, result or {})
 
         def on_trial_remove(self, tune_controller, trial):
-            if self._ours(trial):
-                super().on_trial_remove(tune_controller, trial)
+            if (row := self._row(trial)) is not None and trial.trial_id in self.asha[row]._trial_info:
+                self.asha[row].on_trial_remove(tune_controller, trial)
 
-    return SearchOnlyASHA(metric=metric, mode=mode, time_attr="step", **asha)
+        def debug_string(self) -> str:
+            return "\n".join(f"{row}: {a.debug_string()}" for row, a in self.asha.items())
+
+    return SearchOnlyASHA()

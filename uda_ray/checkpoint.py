@@ -15,9 +15,11 @@ lineage (:func:`lineage_of`: started from another checkpoint or other pretrained
 one that diverged, and with ``overwrite`` removes the old run's checkpoint and files first.
 
 A run's identity is its **lineage**, as a build system keys an output by every input's key:
-``lineage = H(config_hash, parent)``, where the parent is the lineage of the ``run.init_from``
-checkpoint (stored in it), or for a run from scratch or from pretrained weights, the
-weights' identity (``scratch``, or the SHA-256 of the weights file). Editing a row of a
+``lineage = H(config_hash, parent, data, code)``, where the parent is the lineage of the
+``run.init_from`` checkpoint (stored in it), or for a run from scratch or from pretrained
+weights, the weights' identity (``scratch``, or the SHA-256 of the weights file), and data
+and code are the fingerprints of what the run reads and of the training code
+(:mod:`uda_ray.fingerprint`). Editing a row of a
 study therefore changes the lineage of every row downstream of it, and a run directory or
 a study never takes a model trained from another parent for this one.
 """
@@ -51,7 +53,12 @@ RUN_FILES = ("checkpoints", "proxies", DIVERGED_FILE, "config.yaml", "mosaic.png
 # Where a run lives and starts from, and diagnostics that do not change what it trains.
 # run.init_from is covered by the lineage instead (the parent's identity, not its path); run.device
 # says where, and ``auto`` resolves to either (a row is the same experiment on any device).
-NOT_IDENTITY = ("run.init_from", "run.out", "run.name", "run.grad_probe_every", "run.device")
+# How often a run logs, evaluates and checkpoints, and how many images its mosaic shows, change
+# what is recorded along the way but not the weights (the samplers and RNG states are functions
+# of the step: tests/test_engine.py pins that the weights are bit-identical). data.root is where
+# the data lies; what it holds is the lineage's data fingerprint (:mod:`uda_ray.fingerprint`).
+NOT_IDENTITY = ("run.init_from", "run.out", "run.name", "run.grad_probe_every", "run.device",
+                "run.log_every", "run.eval_every", "run.checkpoint_every", "run.mosaic_images", "data.root")
 # Loaded checkpoints of parents fetched from shared storage (s3://...) by URI: the temporary
 # local copy is deleted once loaded, and the config keeps the URI (:func:`preload`).
 _PRELOADED: dict[str, dict] = {}
@@ -70,10 +77,11 @@ def config_hash(flat: dict) -> str:
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def lineage_hash(chash: str, parent: str) -> str:
+def lineage_hash(chash: str, parent: str, context: str) -> str:
     """The lineage of a run of config hash ``chash`` started from ``parent`` (a lineage, or
-    the identity of the weights a root run starts from)."""
-    return hashlib.sha1(f"{chash}|{parent}".encode()).hexdigest()[:16]
+    the identity of the weights a root run starts from), trained on the data and by the
+    code of ``context`` (:func:`uda_ray.fingerprint.stage_context`)."""
+    return hashlib.sha1(f"{chash}|{parent}|{context}".encode()).hexdigest()[:16]
 
 
 _FILE_IDS: dict[tuple, str] = {}
@@ -116,7 +124,9 @@ def lineage_of(cfg, start: str | None = None) -> dict:
         if start is None:
             raise ValueError("lineage_of: a run without run.init_from needs its start identity")
         parent, run_id = start, ""
-    return {"lineage": lineage_hash(config_hash(cfg.flat()), parent), "parent_lineage": parent,
+    from .fingerprint import stage_context
+
+    return {"lineage": lineage_hash(config_hash(cfg.flat()), parent, stage_context(cfg)), "parent_lineage": parent,
             "parent": str(cfg.run.init_from), "parent_run_id": run_id}
 
 

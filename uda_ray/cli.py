@@ -125,6 +125,13 @@ def _cmd_train(args) -> int:
         from .tracking import resolve_uri
 
         resolve_uri(args.tracking_uri)  # an unsupported URI is refused before the run directory is made
+    from .store import StageStore, default_root
+
+    store = StageStore(args.store or default_root())
+    if args.reuse == "exact" and not args.overwrite:
+        reused = _reuse_stage(cfg, run_dir, store, args)
+        if reused is not None:
+            return reused
     opened = []  # the MLflow tracker, once fit has claimed the run directory
 
     def open_tracker(where: Path):
@@ -145,12 +152,85 @@ def _cmd_train(args) -> int:
     tracker = opened[0] if opened else None
     if tracker is not None:
         tracker.finish("FINISHED")
+    _store_trained(result, cfg, store, tracker)
     print(f"{cfg.run_name}: step {result.step}, target-val mIoU {100 * result.scores.miou:.2f} "
           f"({result.seconds:.0f} s); run directory {result.run_dir}")
     print(result.scores.format_table())
     if tracker is not None:
         print(f"MLflow run {tracker.run_id}: open the UI with  mlflow ui --backend-store-uri {tracker.tracking_uri}")
     return 0
+
+
+def _reuse_stage(cfg, run_dir, store, args) -> int | None:
+    """``uda-ray train`` of a stage the store holds (same lineage): its checkpoint copied into
+    the run directory and an MLflow run with its metrics, marked reused; None when the store
+    does not hold it or the run directory already has a checkpoint (resumed as usual)."""
+    import shutil
+    from pathlib import Path
+
+    from .checkpoint import checkpoint_path, lineage_of, load_checkpoint_file
+    from .engine import ensure_data
+    from .models.from_config import start_of
+
+    run_dir = Path(run_dir or Path(cfg.run.out) / cfg.run_name)
+    if checkpoint_path(run_dir).exists():
+        return None
+    ensure_data(cfg)
+    lineage = lineage_of(cfg, start=None if cfg.run.init_from else start_of(cfg))["lineage"]
+    stage = store.get(lineage)
+    if stage is None:
+        return None
+    local = Path(stage["checkpoint"]) / "last.pt"
+    if store.remote or not local.is_file():
+        return None  # a remote stage: trained here (uda-ray study fetches remote stages)
+    load_checkpoint_file(local)  # refuses a file that is not a readable, finite checkpoint
+    checkpoint_path(run_dir).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(local, checkpoint_path(run_dir))
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    where = f"study {stage.get('study')}, {stage.get('row')} s{stage.get('seed')}, run {str(stage.get('run_id'))[:8]}"
+    metrics = {k: v[-1][1] for k, v in stage.get("metrics", {}).items() if v}
+    if not args.no_mlflow:
+        from .study import adopt_stage
+        from .tracking import MlflowTracker
+
+        tracker = MlflowTracker.for_run_dir(run_dir, experiment=args.experiment, run_name=cfg.run_name,
+                                            tracking_uri=args.tracking_uri)
+        adopt_stage(tracker.client, tracker.run_id, stage, cfg.flat(), used_by=f"train/{cfg.run_name}", store=store)
+        tracker.finish("FINISHED")
+        print(f"MLflow run {tracker.run_id} (reused)")
+    else:
+        store.touch(lineage, used_by=f"train/{cfg.run_name}")
+    miou = metrics.get("val/mIoU")
+    print(f"{cfg.run_name}: reused stage {lineage} ({where}) from the stage store {store.root}: no training; "
+          f"target-val mIoU {100 * miou:.2f}" if miou is not None else f"{cfg.run_name}: reused stage {lineage}")
+    print(f"run directory {run_dir} (its checkpoint copied from the store; --reuse never trains it anyway)")
+    return 0
+
+
+def _store_trained(result, cfg, store, tracker) -> None:
+    """Keep a finished ``uda-ray train`` run's stage in the store (see uda_ray.store)."""
+    import time
+
+    from .checkpoint import checkpoint_path, load_checkpoint_file
+
+    path = checkpoint_path(result.run_dir)
+    if not path.is_file():
+        return
+    state = load_checkpoint_file(path)
+    lineage = state.get("lineage")
+    if not lineage or not state.get("finite", False):
+        return
+    if tracker is not None:
+        from .study import store_stage
+
+        store_stage(tracker.client, tracker.run_id, str(path.parent), cfg.flat(), store, study="", row=cfg.run_name,
+                    seed=cfg.run.seed, tracking_uri=tracker.tracking_uri)
+        return
+    now = int(time.time() * 1000)
+    metrics = {k: [[result.step, v, now]] for k, v in result.scores.as_dict("val/", per_class=True).items()}
+    store.put(lineage, str(path.parent), {"study": "", "row": cfg.run_name, "seed": cfg.run.seed, "run_id": "",
+                                          "iterations": cfg.run.iterations, "config": cfg.flat(), "metrics": metrics,
+                                          "parent_lineage": state.get("parent_lineage", ""), "tags": {}})
 
 
 def _cmd_eval(args) -> int:
@@ -278,7 +358,54 @@ def _cmd_study(args) -> int:
     resolve_uri(args.tracking_uri)  # an unsupported URI is refused before Ray or any trial starts
     return run_study(study, smoke_test=args.smoke_test, address=args.address, storage_path=args.storage_path,
                      tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent, out=args.out,
-                     variant=args.variant)
+                     variant=args.variant, reuse=args.reuse, store=args.store, plan=args.plan)
+
+
+def _cmd_plan(args) -> int:
+    from .plan import format_plan, plan_studies
+    from .study import find_study, load_study
+
+    studies = [load_study(find_study(s)) for s in args.studies]
+    plan = plan_studies(studies, smoke=args.smoke_test, tracking_uri=args.tracking_uri, store_root=args.store,
+                        storage_path=args.storage_path, reuse=args.reuse, variant=args.variant)
+    print(format_plan(plan, per_step=not args.totals))
+    return 0
+
+
+def _cmd_store(args) -> int:
+    import time
+
+    from .store import StageStore, default_root, human_size
+
+    store = StageStore(args.store or default_root(args.storage_path))
+    stages = store.stages()
+    if args.store_command == "ls":
+        print(f"stage store {store.root}: {len(stages)} stages")
+        print(f"{'lineage':<16}  {'study':<22} {'row':<22} {'seed':>4}  {'size':>9}  {'last used':<16}  used by")
+        for m in sorted(stages, key=lambda m: (m.get("study", ""), m.get("row", ""), m.get("seed", 0))):
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["last_used"])) if m.get("last_used") else \
+                "(incomplete)"
+            print(f"{m['lineage']:<16}  {str(m.get('study', '?')):<22} {str(m.get('row', '?')):<22} "
+                  f"{str(m.get('seed', '?')):>4}  {human_size(m['size']):>9}  {used:<16}  "
+                  f"{', '.join(m.get('used_by', []))}")
+        return 0
+    if args.store_command == "du":
+        total = sum(m["size"] for m in stages)
+        print(f"{human_size(total)} in {len(stages)} stages at {store.root}")
+        return 0
+    # gc: stages that no study's MLflow record references any more
+    from .plan import referenced_lineages
+
+    keep = referenced_lineages(args.tracking_uri)
+    drop = [m for m in stages if m["lineage"] not in keep]
+    for m in drop:
+        print(f"{'would remove' if args.dry_run else 'removed'} {m['lineage']} ({m.get('study', '?')} "
+              f"{m.get('row', '?')} s{m.get('seed', '?')}, {human_size(m['size'])})")
+        if not args.dry_run:
+            store.remove(m["lineage"])
+    print(f"{len(drop)} of {len(stages)} stages unreferenced ({human_size(sum(m['size'] for m in drop))})"
+          + (" (dry run: nothing removed)" if args.dry_run else ""))
+    return 0
 
 
 def _cmd_compare(args) -> int:
@@ -401,6 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--experiment", default="uda-ray", help="MLflow experiment (default: %(default)s)")
     t.add_argument("--no-mlflow", action="store_true", help="do not track this run")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--reuse", default="exact", choices=("exact", "never"),
+                   help="exact (default): a config whose lineage (config, parent, data, code) the stage store holds "
+                        "is taken from it, not trained; never: train it anyway")
+    t.add_argument("--store", default=None, help="the stage store (default: UDA_RAY_STORE, else "
+                                                 "UDA_RAY_STORAGE/stages, else ./runs/ray/stages)")
     t.add_argument("--overwrite", action="store_true",
                    help="remove the checkpoint and files of an earlier run in the run directory first "
                         "(otherwise a run directory resumes only a checkpoint of the same config)")
@@ -436,6 +568,28 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("study", help="the study: its script's path, or its name (NAME for studies/NAME.py)")
     study_arg_parser(st)
     st.set_defaults(func=_cmd_study)
+
+    pl = sub.add_parser("plan", help="what studies would train, reuse or skip (in order, sharing the stage store), "
+                                     "with the iterations and estimated time; runs nothing")
+    pl.add_argument("studies", nargs="+", help="study names or script paths, in the order they would run")
+    pl.add_argument("--smoke-test", action="store_true", help="plan the smoke tests")
+    pl.add_argument("--variant", default=None, help="the variant of every study that has it")
+    pl.add_argument("--reuse", default="exact", choices=("exact", "never"), help="as uda-ray study's")
+    pl.add_argument("--store", default=None, help="the stage store (default: UDA_RAY_STORE, else STORAGE_PATH/stages)")
+    pl.add_argument("--storage-path", default=None, help="as uda-ray study's (default: UDA_RAY_STORAGE or ./runs/ray)")
+    pl.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
+    pl.add_argument("--totals", action="store_true", help="only the totals, not every row x seed")
+    pl.set_defaults(func=_cmd_plan)
+
+    so = sub.add_parser("store", help="the stage store: list stages, disk used, remove unreferenced ones")
+    so.add_argument("store_command", choices=("ls", "du", "gc"),
+                    help="ls: every stage (study, row, seed, lineage, size, last used); du: disk used; gc: remove "
+                         "the stages no study's MLflow run references")
+    so.add_argument("--store", default=None, help="the stage store (default: UDA_RAY_STORE, else STORAGE_PATH/stages)")
+    so.add_argument("--storage-path", default=None, help="as uda-ray study's (default: UDA_RAY_STORAGE or ./runs/ray)")
+    so.add_argument("--tracking-uri", default=None, help="gc: the MLflow store whose runs reference stages")
+    so.add_argument("--dry-run", action="store_true", help="gc: say what would be removed")
+    so.set_defaults(func=_cmd_store)
 
     cp = sub.add_parser("compare", help="a study's table from MLflow: mean ± std over seeds, Δ, per-class IoU, "
                                         "figures")

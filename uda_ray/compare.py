@@ -3,7 +3,7 @@ read from MLflow alone (the study runner's parent run and its child runs).
 
 Written to ``runs/STUDY/`` by default (``out_dir``) and logged to the study's parent run under
 ``compare/``: the table (``STUDY_compare.{csv,parquet,md,tex}``), the per-seed table
-(``STUDY_seeds.{csv,parquet}``: one line per seed run, counted or not), the importances
+(``STUDY_seeds.{csv,parquet}``: one line per seed run, counted or not, and the stage it reused), the importances
 (``STUDY_importances.csv``) and the figures of :mod:`uda_ray.figures` (PNG, PDF, SVG). The parent
 run also gets the table as an MLflow table (``compare/table.json``) and each row's means as
 metrics (``row/<row>/mIoU`` ...), so that the MLflow UI shows them without opening a file.
@@ -494,7 +494,11 @@ def _seed_table(spec: _Spec, rows: list[_Row], runs: list[_Run]):
         for r in sorted(row.runs, key=lambda r: (_seed_key(r.seed), r.start_time)):
             pct = lambda k: 100 * r.metrics[k] if math.isfinite(r.metrics.get(k, math.nan)) else math.nan  # noqa: E731
             rec = {"row": row.name, "method": r.method, "seed": r.seed, "status": r.status,
-                   "counted": r.run_id in counted, "run_id": r.run_id, col: pct(spec.report),
+                   "counted": r.run_id in counted, "run_id": r.run_id,
+                   # a stage taken from the store: the study and run that trained it
+                   "reused": (f"{r.tags.get('reused_from_study', '')}:{r.tags['reused_from_run'][:8]}"
+                              if r.tags.get("reused_from_run") else ""),
+                   col: pct(spec.report),
                    "sel_mIoU": pct(SEL_METRIC)}
             rec["delta_paired"] = (rec[col] - 100 * base_seed[r.seed]
                                    if spec.baseline and r.seed in base_seed and rec["counted"] else math.nan)
@@ -505,7 +509,7 @@ def _seed_table(spec: _Spec, rows: list[_Row], runs: list[_Run]):
             for k in hp_keys:
                 rec[f"hp/{k}"] = r.params.get(k) if k in spec.search_space.get(row.name, []) else None
             records.append(rec)
-    cols = ["row", "method", "seed", "status", "counted", "run_id", col, "sel_mIoU", "delta_paired"]
+    cols = ["row", "method", "seed", "status", "counted", "run_id", "reused", col, "sel_mIoU", "delta_paired"]
     cols += ["mIoU13"] * has13 + [f"IoU/{c}" for c in classes] + [f"hp/{k}" for k in hp_keys]
     df = pd.DataFrame.from_records(records, columns=cols).astype({"counted": "bool"})
     return _hp_columns(df, hp_keys)

@@ -346,6 +346,13 @@ def optuna_searcher(space: Callable, *, metric, mode, seed: int, num_samples: in
 ERROR_KEY = "uda_ray_error"  # a trial's last report when it failed for a reason a retry cannot fix
 
 
+def report_metrics(metrics: dict) -> None:
+    """Report a trial's metrics to Tune without training (a stage taken from the store)."""
+    from ray import tune
+
+    tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
 def report_error(text: str) -> None:
     """End a Tune trial as failed without an exception, so that Tune does not restart it (a
     user error, e.g. a diverged run, fails again on every retry); the study and its

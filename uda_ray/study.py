@@ -14,6 +14,9 @@ switches), the seeds of every row and, optionally, a search space per row. Runni
 4. for a search row, searches its space with Optuna on the row's first seed (as soon as its
    init_from has finished), selecting on the study's objective (the selection split by
    default, never the reported split), then re-runs the best configuration over all seeds;
+   with ``Study.asha``, ASHA stops the trials that fall behind at intermediate evaluations of
+   the selection split (recorded KILLED with a ``pruned`` tag, PRUNED in Optuna, counted in
+   the search, never its best; a row's seed runs are never stopped);
 5. prints the comparison table (:mod:`uda_ray.compare`).
 
 A failed trial is recorded as FAILED and the other rows go on; running the study again
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import nullcontext
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +44,8 @@ from . import tracking
 from .checkpoint import LockHeld, config_hash, lineage_hash, owner_lock
 from .config import build_config
 from .errors import UserError
+from .fingerprint import stage_context
+from .store import StageStore, check_reuse, default_root
 
 # The papers' protocol at CPU scale: the encoder pretrained on the embedded ImageNet stand-in
 # (uda_ray.pretrain) and BatchNorm frozen at its pretraining statistics, DeepLab-v2's
@@ -54,6 +60,37 @@ CURRICULUM_PROTOCOL = {"model.pretrained": "embedded_seg", "model.bn": "shared"}
 # BatchNorm shared by source and target batches, the regime the papers never ran (where an
 # adaptation row can gain from target images passing through BatchNorm alone).
 SHARED_BN = {"model.pretrained": "", "model.bn": "shared"}
+
+
+ASHA_KEYS = ("grace_period", "reduction_factor", "brackets", "eval_every")
+
+
+def asha_of(asha: dict | bool | None, flat: dict) -> dict | None:
+    """The ASHA of a search row whose trials fit ``flat`` (``Study.asha``; None: no early stopping).
+
+    ``max_t`` is the trials' ``run.iterations``; ``grace_period`` (steps) defaults to a third of
+    it and ``reduction_factor`` to 3: a trial is judged once, a third of the way in, against
+    the trials of its search that reached that point, and stopped when below the best third
+    of them (its last step is never judged). ``eval_every``: the search trials evaluate the
+    selection split (``run.eval_every``) every this many steps, by default the grace period;
+    trials report to Tune at checkpoints only, so their ``run.checkpoint_every`` is kept where
+    it divides it and set to it otherwise (every evaluation is then reported). Returns
+    ``{"iterations", "grace_period", "reduction_factor", "brackets", "set": the search
+    trials' flat values}``.
+    """
+    if asha is None or asha is False:
+        return None
+    spec = {} if asha is True else dict(asha)
+    iterations = int(flat.get("run.iterations", 0))
+    if iterations <= 0:
+        return None
+    grace = min(iterations, max(1, int(spec.get("grace_period") or iterations // 3)))
+    ckpt = int(flat.get("run.checkpoint_every", 0))
+    every = max(1, int(spec.get("eval_every") or grace))
+    if not ckpt or every % ckpt:
+        ckpt = every
+    return {"iterations": iterations, "grace_period": grace, "reduction_factor": spec.get("reduction_factor", 3),
+            "brackets": spec.get("brackets", 1), "set": {"run.eval_every": every, "run.checkpoint_every": ckpt}}
 
 
 class StudyError(UserError, ValueError):
@@ -105,7 +142,10 @@ class Study:
     # (distributed.fit_in_trial: the same engine, checkpoints and restarts, without ~20 s of
     # worker-group start and teardown per trial). True: always; False: never (one worker).
     ray_train: bool | None = None
-    asha: dict | None = None  # e.g. {"grace_period": 1, "reduction_factor": 2} for search rows
+    # Early stopping of a search row's hopeless Optuna trials (never of a row's seed runs), by
+    # ASHA on the study's objective (the selection split) at intermediate evaluations of the
+    # search trials: True (the defaults) or a dict of ASHA_KEYS (see asha_of); None: off.
+    asha: dict | bool | None = None
     smoke: dict = field(default_factory=dict)  # overrides of --smoke-test
     # Named variants of the whole study (``--variant NAME``): flat values set on every row
     # (over the row's own), run and recorded as the study ``<name>-<variant>``, e.g. the
@@ -127,6 +167,9 @@ class Study:
         if self.baseline and self.baseline not in names:
             raise StudyError(f"study {self.name}: baseline {self.baseline!r} is not a row; the rows are {names}")
         self.stages()  # refuses a circular init_from (whose trials would wait for each other forever)
+        if isinstance(self.asha, dict) and (bad := sorted(set(self.asha) - set(ASHA_KEYS))):
+            raise StudyError(f"study {self.name}: asha has unknown keys {bad}; its keys are {list(ASHA_KEYS)} "
+                             f"(max_t is each search trial's run.iterations)")
         if self.ray_train is False and (self.workers_per_trial > 1 or self.gpus_per_worker):
             raise StudyError(f"study {self.name}: ray_train=False runs a trial in one CPU process; "
                              f"workers_per_trial={self.workers_per_trial} and gpus_per_worker="
@@ -201,6 +244,14 @@ def study_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--variant", default=None,
                    help="run a named variant of the study, recorded as STUDY-VARIANT (e.g. shared_bn: the "
                         "random-init, shared-BatchNorm control of a table study)")
+    p.add_argument("--reuse", default="exact", choices=("exact", "never"),
+                   help="exact (default): a row x seed whose lineage (config, parent, data, code) is in the stage "
+                        "store is taken from it instead of trained; never: train it anyway")
+    p.add_argument("--store", default=None,
+                   help="the stage store (default: UDA_RAY_STORE, else STORAGE_PATH/stages)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the study would do (train, reuse, skip) for every row x seed, and the totals; "
+                        "runs nothing")
     return p
 
 
@@ -351,6 +402,20 @@ class StudyRecord:
                 killed.append(run.info.run_id)
         return killed
 
+    def mark_pruned(self, tune_trial: str, step: int, *, final: bool = False) -> None:
+        """Record a search trial that the study's trial scheduler stopped at ``step``: tag
+        ``pruned`` = the step (set before Tune stops it, so that its driver ends its run KILLED
+        without an ``error``); ``final``: once its process has ended, its run KILLED and
+        without an ``error`` whatever it wrote when stopped."""
+        for run in self.children(**{"uda_ray.tune_trial": tune_trial}):
+            run_id = run.info.run_id
+            self.client.set_tag(run_id, "pruned", str(step))
+            if final:
+                if "error" in self.client.get_run(run_id).data.tags:
+                    self.client.delete_tag(run_id, "error")
+                if self.client.get_run(run_id).info.status != "KILLED":
+                    self.client.set_terminated(run_id, "KILLED")
+
     def unfinished(self, row: str, seed: int, search: str, trial: str, *, lineage: str, chash: str):
         """The latest child run of this row x seed (and search trial) and lineage (its config
         hash where the lineage is not known here) that did not finish (FAILED, or KILLED with
@@ -359,6 +424,22 @@ class StudyRecord:
         runs = [r for r in self.children(row=row, seed=str(seed), search=search, trial=trial, **key)
                 if r.info.status != "FINISHED"]
         return max(runs, key=lambda r: r.info.start_time or 0, default=None)
+
+    def adopt(self, row: str, seed: int, flat: dict, stage: dict, store, tags: dict | None = None) -> str:
+        """A row x seed's run that reuses a stored stage (:func:`adopt_stage`), selected and
+        FINISHED at once; returns its id."""
+        parent_tags = self.client.get_run(self.parent_id).data.tags
+        run_tags = {"mlflow.parentRunId": self.parent_id, "study": self.name, "seed": str(seed), "search": "0",
+                    "config_hash": config_hash(flat), "uda_ray.kind": "row", "row": row, **(tags or {}),
+                    **{k: v for k, v in parent_tags.items() if k.startswith(("mlflow.source.", "mlflow.user"))},
+                    **tracking.owner_tags()}
+        run_id = self.client.create_run(self.experiment_id, run_name=f"{row}-s{seed}", tags=run_tags).info.run_id
+        adopt_stage(self.client, run_id, stage, flat, used_by=f"{self.name}/{row}/s{seed}", store=store)
+        self.client.log_metric(run_id, "perf/driver_start_unix", time.time())
+        self.client.log_metric(run_id, "perf/driver_end_unix", time.time())
+        self.select(run_id)
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_id, status)
@@ -384,10 +465,11 @@ def drive_trial(config: dict, ctx: dict) -> None:
     flat = {**ctx["flats"][row][str(seed)], **sampled, **t.get("set", {})}
     if t.get("init_from"):
         flat["run.init_from"] = t["init_from"]
-    flat = build_config(flat).flat()  # validates sampled values, naming the key
-    # the lineage this trial's fit will have (its config over what it starts from; the engine
-    # computes and records the same from the checkpoint or weights it loads)
-    lineage = lineage_hash(config_hash(flat), t["start"]) if t.get("start") else ""
+    cfg = build_config(flat)  # validates sampled values, naming the key
+    flat = cfg.flat()
+    # the lineage this trial's fit will have (its config over what it starts from, its data and
+    # code; the engine computes and records the same from the checkpoint or weights it loads)
+    lineage = lineage_hash(config_hash(flat), t["start"], stage_context(cfg)) if t.get("start") else ""
     search = "1" if "search" in config or (sampled and "trial" not in config) else "0"
     tid = distributed.trial_id()
     record = StudyRecord.attach(ctx)
@@ -421,20 +503,20 @@ def drive_trial(config: dict, ctx: dict) -> None:
     dir_name = f"{run_name}-{lineage or tags['config_hash']}"
     run_dir = str(Path(ctx["out"]) / ctx["study"] / dir_name)
     mlflow = {"experiment": ctx["study"], "tracking_uri": ctx["tracking_uri"], "run_id": run_id}
+    store = StageStore(ctx["store"]) if ctx.get("store") and lineage else None
     try:
-        if ctx.get("in_process"):
-            checkpoint = distributed.fit_in_trial(flat, run_dir=run_dir, storage_path=ctx["storage_path"],
-                                                  threads=max(1, round(ctx["trial_cpus"])), mlflow=mlflow,
-                                                  env=ctx.get("env"))
-        else:
-            result = distributed.run_trainer(
-                flat, run_dir=run_dir, name=f"{ctx['study']}-{dir_name}", storage_path=ctx["storage_path"],
-                num_workers=ctx["workers"], use_gpu=ctx["gpus"] > 0, cpus_per_worker=ctx["cpus"],
-                gpus_per_worker=ctx["gpus"] or None, max_failures=ctx["max_failures"], mlflow=mlflow,
-                callbacks=[distributed.tune_report_callback()], env=ctx.get("env"))
-            if result.error is not None:
-                raise result.error
-            checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        with store.lock(lineage, on_wait=lambda: print(f"{run_name}: stage {lineage} is being trained by another "
+                                                       f"process; waiting for it")) if store else nullcontext():
+            stage = store.get(lineage) if store and ctx.get("reuse", "exact") == "exact" else None
+            if stage is not None:  # trained meanwhile (another study, a row of the same lineage)
+                adopt_stage(client, run_id, stage, flat, used_by=f"{ctx['study']}/{row}/s{seed}", store=store)
+                checkpoint = stage["checkpoint"]
+                distributed.report_metrics({k: v[-1][1] for k, v in stage.get("metrics", {}).items() if v})
+            else:
+                checkpoint = _fit_trial(ctx, flat, run_dir, dir_name, mlflow)
+                if checkpoint is not None and store is not None:
+                    store_stage(client, run_id, checkpoint, flat, store, study=ctx["study"], row=row, seed=seed,
+                                tracking_uri=ctx["tracking_uri"])
         if checkpoint is not None:
             client.set_tag(run_id, "checkpoint", checkpoint)
         client.log_metric(run_id, "perf/driver_start_unix", t_start)
@@ -446,6 +528,11 @@ def drive_trial(config: dict, ctx: dict) -> None:
         # Stopped rather than failed: Ctrl-C, or Tune ending the trial's actor (SystemExit in
         # its thread) when the study is interrupted; a re-run continues it like any KILLED run.
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
+        if stopped and "pruned" in client.get_run(run_id).data.tags:
+            # stopped early by the study's trial scheduler (its tag, set before Tune stopped the
+            # trial, says at which step): not an error, not to be continued
+            client.set_terminated(run_id, "KILLED")
+            raise
         client.set_tag(run_id, "error", ("killed: the trial was stopped; " if stopped else "") + tracking.error_text(e))
         client.set_terminated(run_id, "KILLED" if stopped else "FAILED")
         from .errors import UserError
@@ -456,18 +543,94 @@ def drive_trial(config: dict, ctx: dict) -> None:
         raise
 
 
+def _fit_trial(ctx: dict, flat: dict, run_dir: str, dir_name: str, mlflow: dict) -> str | None:
+    """Fit a trial's config in this process or with Ray Train; the persisted checkpoint's
+    path or URI (None where the fit wrote none)."""
+    from . import distributed
+
+    if ctx.get("in_process"):
+        return distributed.fit_in_trial(flat, run_dir=run_dir, storage_path=ctx["storage_path"],
+                                        threads=max(1, round(ctx["trial_cpus"])), mlflow=mlflow,
+                                        env=ctx.get("env"))
+    result = distributed.run_trainer(
+        flat, run_dir=run_dir, name=f"{ctx['study']}-{dir_name}", storage_path=ctx["storage_path"],
+        num_workers=ctx["workers"], use_gpu=ctx["gpus"] > 0, cpus_per_worker=ctx["cpus"],
+        gpus_per_worker=ctx["gpus"] or None, max_failures=ctx["max_failures"], mlflow=mlflow,
+        callbacks=[distributed.tune_report_callback()], env=ctx.get("env"))
+    if result.error is not None:
+        raise result.error
+    return result.checkpoint.path if result.checkpoint is not None else None
+
+
+# Tags of a stored run that say where and how it ran in its study, not what it is: a run that
+# reuses the stage gets its own.
+_RUN_PLACE_TAGS = ("study", "row", "seed", "search", "search_row", "trial", "best_trial", "uda_ray.kind",
+                   "uda_ray.tune_trial", "uda_ray.selected", "checkpoint", "error", "pruned", "reused",
+                   "reused_from_run", "reused_from_study", "reused_from_row", "config_hash")
+
+
+def store_stage(client, run_id: str, checkpoint: str, flat: dict, store, *, study: str, row: str, seed,
+                tracking_uri: str) -> dict | None:
+    """Keep a finished trial's stage in ``store`` under the lineage its fit recorded: its
+    checkpoint, every metric's history, its tags and the flat config (:mod:`uda_ray.store`)."""
+    run = client.get_run(run_id)
+    lineage = run.data.tags.get("lineage")
+    if not lineage:
+        return None
+    history = {k: [[m.step, m.value, m.timestamp] for m in client.get_metric_history(run_id, k)]
+               for k in run.data.metrics if not k.startswith("perf/driver_")}
+    tags = {k: v for k, v in run.data.tags.items()
+            if not k.startswith(("mlflow.", "uda_ray.owner")) and k not in _RUN_PLACE_TAGS}
+    meta = {"study": study, "row": row, "seed": int(seed), "run_id": run_id, "tracking_uri": tracking_uri,
+            "parent_lineage": tags.get("parent_lineage", ""), "iterations": int(flat.get("run.iterations", 0)),
+            "sec_per_iter": run.data.metrics.get("perf/sec_per_iter"), "method": flat.get("method", ""),
+            "config": flat, "tags": tags, "metrics": history}
+    return store.put(lineage, checkpoint, meta)
+
+
+def adopt_stage(client, run_id: str, stage: dict, flat: dict, *, used_by: str, store) -> None:
+    """Make the MLflow run ``run_id`` a reused copy of a stored stage: this row's params, the
+    stage's metrics (every step), its tags (lineage, parent) and ``reused`` with the run and
+    study it came from; its ``checkpoint`` is the store's, which dependent rows start from."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    existing = client.get_run(run_id).data.params
+    params = [Param(k, str(v)) for k, v in flat.items() if k not in existing]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    metrics = [Metric(k, float(v), int(ts), int(step)) for k, hist in stage.get("metrics", {}).items()
+               for step, v, ts in hist]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    tags = {**stage.get("tags", {}), "lineage": stage["lineage"], "reused": "1",
+            "reused_from_run": stage.get("run_id", ""), "reused_from_study": stage.get("study", ""),
+            "reused_from_row": f"{stage.get('row', '')} s{stage.get('seed', '')}", "checkpoint": stage["checkpoint"]}
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    store.touch(stage["lineage"], used_by=used_by)
+
+
 # --- running a study ------------------------------------------------------------------------
 
 def run_study(study: Study, *, smoke_test: bool = False, address: str | None = None,
               storage_path: str | None = None, tracking_uri: str | None = None,
               max_concurrent: int | None = None, out: str = "runs", env: dict | None = None,
-              tune_callbacks: list | None = None, variant: str | None = None) -> int:
+              tune_callbacks: list | None = None, variant: str | None = None, reuse: str = "exact",
+              store: str | None = None, plan: bool = False) -> int:
     """Run ``study`` (see the module's docstring). Returns 0; 1 when a trial failed; 2 when
     another process is running the study of the same name (it holds ``<out>/<name>/.study.lock``);
     128 + the signal's number (130, 143) when SIGINT or SIGTERM stopped it.
     ``env``: environment variables of the trials' training processes; ``tune_callbacks``:
     Tune callbacks of every Tune run (e.g. timing, :mod:`uda_ray.bench_study`); ``variant``:
-    run :meth:`Study.variant` of that name instead."""
+    run :meth:`Study.variant` of that name instead; ``reuse``: ``exact`` takes a row x seed
+    whose lineage the stage store holds (:mod:`uda_ray.store`, at ``store`` or beside the
+    storage path) instead of training it, ``never`` trains it anyway."""
+    check_reuse(reuse)
+    if plan:  # what it would do, without Ray or training (uda_ray.plan)
+        from .plan import format_plan, plan_studies
+
+        print(format_plan(plan_studies([study], smoke=smoke_test, tracking_uri=tracking_uri, store_root=store,
+                                       storage_path=storage_path, reuse=reuse, variant=variant)))
+        return 0
     study = study.variant(variant)
     name = study.name + ("-smoke" if smoke_test else "")
     lock = Path(out).resolve() / name / STUDY_LOCK
@@ -480,12 +643,12 @@ def run_study(study: Study, *, smoke_test: bool = False, address: str | None = N
     with held:
         return _run_locked(study, name, smoke_test=smoke_test, address=address, storage_path=storage_path,
                            tracking_uri=tracking_uri, max_concurrent=max_concurrent, out=out, env=env,
-                           tune_callbacks=tune_callbacks)
+                           tune_callbacks=tune_callbacks, reuse=reuse, store_root=store)
 
 
 def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | None, storage_path: str | None,
                 tracking_uri: str | None, max_concurrent: int | None, out: str, env: dict | None = None,
-                tune_callbacks: list | None = None) -> int:
+                tune_callbacks: list | None = None, reuse: str = "exact", store_root: str | None = None) -> int:
     from . import distributed
     from .engine import ensure_data
 
@@ -507,8 +670,10 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
         if row.space is not None:
             distributed.pickle_by_value(sys.modules.get(row.space.__module__))
     record = StudyRecord(study, name, tracking_uri)
+    store = StageStore(store_root or default_root(storage_path))
     print(f"study {name}: {len(study.rows)} rows x {len(seeds)} seeds; MLflow parent run {record.parent_id} "
-          f"({record.tracking_uri}); storage {storage_path}")
+          f"({record.tracking_uri}); storage {storage_path}; stages {store.root}"
+          + (" (not reused: --reuse never)" if reuse == "never" else ""))
     if dash := distributed.dashboard_url():
         print(f"  Ray dashboard (trials, workers, logs) while it runs: {dash}")
     ctx = {"study": name, "parent_id": record.parent_id, "experiment_id": record.experiment_id,
@@ -516,7 +681,8 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
            "workers": study.workers_per_trial, "cpus": study.cpus_per_worker, "gpus": study.gpus_per_worker,
            "max_failures": study.max_failures, "in_process": study.in_process, "env": env or {},
            # a trial that fits in its own process holds its worker's CPUs and its driver's share
-           "trial_cpus": study.cpus_per_worker + distributed.DRIVER_CPUS}
+           "trial_cpus": study.cpus_per_worker + distributed.DRIVER_CPUS,
+           "store": store.root, "reuse": reuse}
     # How trials hold resources: a trial that fits in its own process holds them and is
     # restarted by Tune; otherwise it holds a driver's share and its TorchTrainer asks for
     # (and restarts) the workers.
@@ -546,6 +712,24 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
                 starts[key] = None
         return starts[key]
 
+    contexts: dict[str, str | None] = {}  # a config's data and code fingerprints by config hash
+
+    def context(flat: dict) -> str | None:
+        """A config's :func:`~uda_ray.fingerprint.stage_context`, None where its data is not
+        visible from this process (its rows are then matched by config hash alone)."""
+        key = config_hash(flat) + flat.get("data.root", "")
+        if key not in contexts:
+            try:
+                contexts[key] = stage_context(build_config(flat))
+            except FileNotFoundError:
+                contexts[key] = None
+        return contexts[key]
+
+    def lineage_of_job(name: str, seed: int, values: dict, start: str | None) -> str | None:
+        flat = {**flats[name][str(seed)], **values}
+        ctx_ = context(flat)
+        return lineage_hash(config_hash(flat), start, ctx_) if start and ctx_ else None
+
     def finished_run(name: str, seed: int, values: dict):
         """The FINISHED run of row ``name`` x ``seed`` (with ``values`` over its config, a
         search's best) whose lineage is this study's: its config hash over the lineage of
@@ -560,9 +744,10 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
                 return None
         else:
             start = root_start(flat)
-            if start is None:
-                return record.finished(name, seed, chash=chash)
-        return record.finished(name, seed, lineage=lineage_hash(chash, start))
+        lineage = lineage_of_job(name, seed, values, start)
+        if lineage is None:
+            return record.finished(name, seed, chash=chash)
+        return record.finished(name, seed, lineage=lineage)
 
     def resolve(job: dict) -> tuple[str, str]:
         """('run', init_from checkpoint or ''), ('skip', '') or ('fail', why) for a row x seed
@@ -583,6 +768,13 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
             print(f"  {row.name} s{job['seed']}: already finished, skipped")
             record.select(done.info.run_id)
             return "skip", ""
+        lineage = lineage_of_job(row.name, job["seed"], job["set"], job["start"])
+        if reuse == "exact" and (stage := store.get(lineage)) is not None:
+            run_id = record.adopt(row.name, job["seed"], {**flats[row.name][str(job["seed"])], **job["set"]},
+                                  stage, store, tags=job["tags"])
+            print(f"  {row.name} s{job['seed']}: reused stage {lineage} (study {stage.get('study')}, row "
+                  f"{stage.get('row')} s{stage.get('seed')}, run {str(stage.get('run_id'))[:8]})")
+            return "skip", ""
         return "run", init_from
 
     jobs = [{"row": row.name, "seed": seed, "after": source(row, seed), "set": {}, "tags": {}}
@@ -591,13 +783,21 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
                 for row in study.rows if row.space is not None]
     from ._tune_schedule import RowScheduler, search_only_asha
 
-    scheduler = RowScheduler(jobs, searches, resolve=resolve, metric=study.objective, mode=study.mode)
+    # ASHA per search row on the objective (sel/, never val/), its trials only
+    asha_rows = {s["row"]: s["asha"] for s in searches if s.get("asha")}
+    asha = search_only_asha(asha_rows, study.objective, study.mode,
+                            on_stop=lambda tid, row, step: record.mark_pruned(tid, step)) if asha_rows else None
+    scheduler = RowScheduler(jobs, searches, resolve=resolve, metric=study.objective, mode=study.mode,
+                             pruned=asha.pruned if asha else None)
     with distributed.StopOnSignal() as stop:
         grid = distributed.tune_rows(
-            drive_trial_with(ctx), search_alg=scheduler, storage_path=storage_path,
-            scheduler=search_only_asha(study.asha, study.objective, study.mode) if study.asha else None,
+            drive_trial_with(ctx), search_alg=scheduler, storage_path=storage_path, scheduler=asha,
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", max_concurrent=conc,
             callbacks=tune_callbacks, **tune_kw)
+    for tid, (_, step) in (asha.pruned.items() if asha else ()):
+        # every trial's process has ended: its record is completed here, whatever its thread
+        # managed to write when it was stopped (or a Train trial, whose thread never learns)
+        record.mark_pruned(tid, step, final=True)
     if stop.signal:
         return _interrupted(record, name, stop.signal)
     for r in grid:
@@ -607,11 +807,14 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
             kind = " search trial" if "search" in r.config else ""
             failed.append(f"{t.get('row')} s{t.get('seed')}{kind}: {error}")
     failed += scheduler.failures
+    tallies = [_search_tally(s, record, asha is not None and s["row"] in asha_rows) for s in searches]
     record.finish()
     from .compare import compare_study
 
     result = compare_study(name, tracking_uri=record.tracking_uri, out_dir=Path(out) / name)
     print(result.text)
+    for line in tallies:
+        print(line)
     if failed:
         print("failed trials (recorded as FAILED in MLflow; the other rows went on):")
         for f in failed:
@@ -663,8 +866,9 @@ def drive_trial_with(ctx: dict):
 def _search_plan(study: Study, row: Row, seeds, smoke: bool, record: StudyRecord, ctx: dict, source,
                  best_values: dict) -> dict:
     """A search row for :class:`uda_ray._tune_schedule.RowScheduler`: its Optuna trials on
-    the first seed (those still to run, counting the completed trials kept in the study's
-    Optuna storage), its searcher, and how to read the best configuration once they end."""
+    the first seed (those still to run, counting the completed and early-stopped trials kept
+    in the study's Optuna storage), its searcher, its early stopping (``asha``: :func:`asha_of`),
+    and how to read the best configuration once they end."""
     from . import distributed
 
     seed = seeds[0]
@@ -696,27 +900,48 @@ def _search_plan(study: Study, row: Row, seeds, smoke: bool, record: StudyRecord
         best_values[row.name] = {**top.params, **consts}
         return best_values[row.name], trial
 
+    # early stopping (Study.asha): the trials' schedule of evaluations, and the scheduler's rungs
+    asha = asha_of(study.asha, ctx["flats"][row.name][str(seed)])
+    # trials stopped early count towards num_samples, like completed ones (never towards the best)
     return {"row": row.name, "seed": seed, "after": source(row, seed), "seeds": list(seeds),
-            "todo": max(0, n - len(_completed(optuna_name, storage))), "make": make, "best": best,
-            "init_from_of": lambda s: source(row, s)}
+            "todo": max(0, n - len(_completed(optuna_name, storage, pruned=True))), "make": make, "best": best,
+            "init_from_of": lambda s: source(row, s), "optuna": (optuna_name, storage),
+            "iterations": int(ctx["flats"][row.name][str(seed)]["run.iterations"]),
+            **({"asha": asha, "set": asha["set"]} if asha else {})}
 
 
-def _completed(name: str, storage: str) -> list:
+def _completed(name: str, storage: str, *, pruned: bool = False) -> list:
+    """The COMPLETE trials (with a value) of Optuna study ``name``; ``pruned``: and the PRUNED ones."""
     import optuna
 
     try:
         st = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return []
-    return [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    TS = optuna.trial.TrialState
+    return [t for t in st.trials if (t.state == TS.COMPLETE and t.value is not None) or
+            (pruned and t.state == TS.PRUNED)]
+
+
+def _search_tally(s: dict, record: StudyRecord, asha: bool) -> str:
+    """``search ROW: N trials[, P stopped early by ASHA]`` from the row's Optuna storage (its
+    trials of every run of the study), P also the study run's tag ``search_pruned.ROW``."""
+    import optuna
+
+    name, storage = s["optuna"]
+    trials = _completed(name, storage, pruned=True)
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    if asha:
+        record.client.set_tag(record.parent_id, f"search_pruned.{s['row']}", str(pruned))
+    return f"search {s['row']}: {len(trials)} trials" + (f", {pruned} stopped early by ASHA" if asha else "")
 
 
 def _check_stored_space(row: Row, name: str, storage: str) -> None:
     """Refuse to continue a search whose stored trials came from another space.
 
-    The completed trials in the study's Optuna storage count towards ``num_samples`` and
-    compete for the best; after an edit of the row's space they would be mixed silently with
-    the new space's. Each stored trial's parameters are replayed through the current space
+    The completed (and early-stopped) trials in the study's Optuna storage count towards
+    ``num_samples`` and compete for the best (or inform the sampler); after an edit of the
+    row's space they would be mixed silently with the new space's. Each stored trial's parameters are replayed through the current space
     (enqueued on a throwaway in-memory study, so conditional parameters are asked as the
     space asks them) and its recorded distributions must equal the ones the space gives now.
 
@@ -731,7 +956,7 @@ def _check_stored_space(row: Row, name: str, storage: str) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     probe = optuna.create_study()
-    for stored in _completed(name, storage):
+    for stored in _completed(name, storage, pruned=True):
         probe.enqueue_trial(stored.params, skip_if_exists=False)
         trial = probe.ask()
         with warnings.catch_warnings():  # a stored value outside the edited range: reported below
