@@ -3,6 +3,8 @@ traceback (``uda-ray --debug`` shows it instead)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 import trees
@@ -185,20 +187,99 @@ def test_study_takes_a_bare_name_as_compare_does():
     assert find_study(path) == path
 
 
-def test_config_lists_every_key_with_type_value_range_and_help(capsys):
+def test_config_lists_every_key_with_type_value_range_and_help(capsys, monkeypatch):
     from uda_ray.config import build_config
 
+    monkeypatch.setenv("COLUMNS", "120")
     assert main(["config", "study-cpu", "--method", "adaptseg"]) == 0
     lines = capsys.readouterr().out.splitlines()
     keys = [k for k in build_config({}, method="adaptseg", preset="study-cpu").flat() if k != "method"]
-    assert [ln.split()[0] for ln in lines[1:]] == keys
+    assert [ln.split()[0] for ln in lines[1:] if not ln.startswith(" ")] == keys  # wrapped lines start with " "
     line = next(ln for ln in lines if ln.startswith("run.iterations "))
-    assert line.split()[1:4] == ["int", "400", ">="] and "training iterations" in line  # the preset's value
-    assert "deeplabv2_r101 | deeplabv2_vgg16" in next(ln for ln in lines if ln.startswith("model.arch "))
+    assert line.split()[1:4] == ["int", "400*", ">="] and "training iterations" in line  # the preset's value
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("model.arch "))
+    block = lines[i] + "".join(itertools.takewhile(lambda ln: ln.startswith(" "), lines[i + 1:]))
+    assert "deeplabv2_r101 |" in block and "deeplabv2_vgg16 |" in block and "tiny_ppm" in block
     assert "[0.0, 1.0]" in next(ln for ln in lines if ln.startswith("optim.momentum "))
     assert main(["config"]) == 0  # every method's section
     every = capsys.readouterr().out
     assert "dast.lambda_c " in every and "pww.T " in every
+
+
+def test_config_fits_the_terminal_and_marks_what_the_preset_changed(capsys, monkeypatch):
+    """Issue 29.8: lines up to 340 characters, and no sign of which values a preset sets."""
+    for cols in (80, 100, 200):
+        monkeypatch.setenv("COLUMNS", str(cols))
+        assert main(["config", "study-cpu"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert max(map(len, lines)) <= min(cols, 120), max(lines, key=len)
+    row = {ln.split()[0]: ln.split() for ln in lines if not ln.startswith(" ")}
+    assert row["run.iterations"][2] == "400*" and row["data.select_n"][2] == "50*" and row["adaptseg.ndf"][2] == "16*"
+    assert row["run.seed"][2] == "0" and row["optim.momentum"][2] == "0.9"  # the defaults: not marked
+    assert "*: set by the preset" in lines[0]
+    assert main(["config", "--method", "adaptseg"]) == 0  # the defaults themselves: nothing marked
+    plain = capsys.readouterr().out.splitlines()
+    assert not [ln for ln in plain[1:] if not ln.startswith(" ") and ln.split()[2].endswith("*")]
+    assert "*: set by" not in plain[0]
+
+
+def test_cli_names_are_the_registries():
+    """uda_ray.cli_spec's copies of the registries, which the parser lists without importing them."""
+    from uda_ray.cli_spec import DATASET_NAMES, METHOD_NAMES, PRESET_NAMES
+    from uda_ray.config import METHODS, PRESETS
+    from uda_ray.data.datasets import DATASETS
+
+    assert METHOD_NAMES == tuple(METHODS) and PRESET_NAMES == tuple(PRESETS) and DATASET_NAMES == tuple(DATASETS)
+
+
+def test_parser_and_help_import_no_heavy_package():
+    """Issue 29.8: uda-ray --help took 7-15 s, importing torch, Ray, MLflow, Optuna and pandas."""
+    import subprocess
+    import sys
+
+    code = ("import sys, uda_ray.cli as c\n"
+            "bad = [m for m in ('torch', 'ray', 'mlflow', 'optuna', 'pandas') if m in sys.modules]\n"
+            "def walk(p):\n"
+            "    p.format_help()\n"
+            "    for a in p._actions:\n"
+            "        for sub in (a.choices.values() if isinstance(a.choices, dict) else ()):\n"
+            "            walk(sub)\n"
+            "walk(c.build_parser())\n"
+            "bad += [m for m in ('torch', 'ray', 'mlflow', 'optuna', 'pandas') if m in sys.modules]\n"
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_help_is_plain_text(capsys):
+    """No reStructuredText (``uda-ray``) or Markdown backticks in any command's help."""
+    from uda_ray.cli import build_parser
+
+    texts = []
+
+    def walk(p):
+        texts.append(p.format_help())
+        for a in p._actions:
+            for sub in (a.choices.values() if isinstance(a.choices, dict) else ()):
+                walk(sub)
+
+    walk(build_parser())
+    assert len(texts) > 10 and "uda-ray: domain-adaptive" in texts[0]
+    assert not [t for t in texts if "`" in t or ":func:" in t or ":mod:" in t]
+
+
+def test_mistyped_command_suggests_the_closest(capsys):
+    one_line(*run(capsys, "trian"), "invalid choice: 'trian'; did you mean 'train'", "(choose from 'data'")
+    one_line(*run(capsys, "bench", "stpe"), "did you mean 'step'")
+    one_line(*run(capsys, "data", "check", "x", "--dataset", "gta"), "did you mean 'gta5'")
+
+
+def test_bench_cli_times_help_in_fresh_processes(capsys):
+    """``uda-ray bench cli``: a benchmark (printed, not asserted), here only that it runs."""
+    assert main(["bench", "cli", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "--help: median" in out and "over 1 fresh processes" in out
+    assert "heavy packages imported to build the parser: none" in out
 
 
 # --- input that used to be accepted silently --------------------------------------------------

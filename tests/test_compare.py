@@ -237,7 +237,8 @@ def test_files_and_parquet_roundtrip(result, store):
     out = store["root"] / "out"
     names = {p.name for p in result.files}
     assert names == ({f"{STUDY}_{k}" for k in ("compare.csv", "compare.parquet", "seeds.csv", "seeds.parquet",
-                                                "compare.md", "compare.tex", "importances.csv")}
+                                                "compare.md", "compare.tex", "compare_per_class.tex",
+                                                "importances.csv")}
                      | {f"{STUDY}_{f}.{ext}" for f in FIGURES for ext in ("png", "pdf", "svg")})
     assert all(p.is_file() and p.stat().st_size > 0 and p.parent == out for p in result.files)
     pq = pd.read_parquet(out / f"{STUDY}_compare.parquet")
@@ -282,10 +283,17 @@ def test_formats_and_per_class_columns(result, store):
     assert "| adaptseg | adaptseg | 3 | 35.0 ± 2.0 | +3.0 | +3.0 ± 0.0 (3/3) | 36.0 | 1 |  |" in md
     tex = compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "out2", log_to_parent=False,
                         fmt="latex").text
-    assert r"\toprule" in tex and r"source\_only & source\_only & 3 & 32.0 $\pm$ 2.0 & -- & --" in tex
-    assert r"advent & advent & 1 & 31.0 & $-$1.0" in tex and r"\label{tab:quickstart}" in tex
-    # the files have every column, per class included
-    assert r"traffic\_light" in (store["root"] / "out" / f"{STUDY}_compare.tex").read_text()
+    # LaTeX: the compact table (row, n, mean ± std, Δ, paired Δ, seeds won), per class in its own table
+    assert r"\toprule" in tex and r"source\_only & 3 & 32.0{\scriptsize\,$\pm$\,2.0} & -- & -- & --" in tex
+    assert r"advent & 1 & 31.0 & $-$1.0 & +1.0 & 1/1" in tex and r"\label{tab:quickstart}" in tex
+    assert r"adaptseg & 3 & 35.0{\scriptsize\,$\pm$\,2.0} & +3.0 & +3.0{\scriptsize\,$\pm$\,0.0} & 3/3" in tex
+    assert "traffic" not in tex.split(r"\end{table}")[0] and f"{STUDY}_compare_per_class.tex" in tex
+    per_class_tex = (store["root"] / "out" / f"{STUDY}_compare_per_class.tex").read_text()
+    assert r"\begin{table*}" in per_class_tex and r"\rotatebox{90}{traffic light}" in per_class_tex
+    assert r"source\_only & 32.0 & 82.0 & 12.0 \\" in per_class_tex
+    both = compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "out2", log_to_parent=False,
+                         fmt="latex", per_class=True).text
+    assert both.startswith(tex) and both.endswith(per_class_tex.rstrip("\n"))
     assert "| road |" in (store["root"] / "out" / f"{STUDY}_compare.md").read_text()
     from uda_ray.errors import UserError
 
@@ -304,6 +312,25 @@ def test_artifacts_table_and_row_means_logged_to_parent(result, store):
     m = client.get_run(store["parent"]).data.metrics
     assert m["row/adaptseg/mIoU"] == pytest.approx(35.0) and m["row/adaptseg/delta_paired"] == pytest.approx(3.0)
     assert m["row/adaptseg/n"] == 3 and m["row/fda/n_failed"] == 1 and "row/fda/mIoU" not in m
+
+
+def test_compare_again_replaces_the_mlflow_table(result, store):
+    """Issue 29.1: MlflowClient.log_table appends to an existing table, so every compare added
+    another copy of every row; the table artifact holds the study's rows after any number of calls."""
+    import json
+
+    import pandas as pd
+
+    client = store["client"]
+    for _ in range(2):
+        again = compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "out")
+    path = Path(client.download_artifacts(store["parent"], "compare/table.json"))
+    table = json.loads(path.read_text())
+    assert len(table["data"]) == len(again.table) == 6
+    assert [r[0] for r in table["data"]] == list(again.table["row"])
+    assert list(pd.read_json(path, orient="split")["row"]) == list(again.table["row"])  # log_table's format
+    logged = json.loads(client.get_run(store["parent"]).data.tags["mlflow.loggedArtifacts"])
+    assert logged.count({"path": "compare/table.json", "type": "table"}) == 1  # the UI's table view
 
 
 def test_importances_from_optuna_study(result, store):
@@ -398,3 +425,99 @@ def test_another_row_as_baseline_gives_its_paired_deltas_in_own_files(store):
 
     with pytest.raises(UserError, match="--baseline adaptsg: not a row.*did you mean 'adaptseg'"):
         compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "vs", baseline="adaptsg")
+
+
+# Issue 29.3: a paper's table. A study "wide" as wide as this repository's studies get: the longest
+# row name of studies/ (20 characters), 19 classes plus mIoU13, search rows of three keys whose
+# values are Optuna's full-precision floats.
+WIDE_ROWS = ("source_only", "da_no_test_attention", "curriculum_search", "mul_adv_proxy_ms")
+WIDE_KEYS = ("adaptseg.lambda_adv_main", "optim.lr", "adaptseg.lambda_seg_aux")
+
+
+@pytest.fixture(scope="module")
+def wide(store):
+    client = store["client"]
+    exp = client.create_experiment("wide", artifact_location=(store["root"] / "artifacts_w").as_uri())
+    parent = client.create_run(exp, tags={
+        "uda_ray.kind": "study", "study": "wide", "baseline": "source_only", "rows": ",".join(WIDE_ROWS),
+        "objective": "sel/mIoU", "objective_mode": "max", "report_metric": "val/mIoU",
+        **{f"search_space.{r}": ",".join(WIDE_KEYS) for r in WIDE_ROWS[2:]}}).info.run_id
+    for i, row in enumerate(WIDE_ROWS):
+        for seed in range(2):
+            m = {"val/mIoU": 0.3 + 0.01 * i + 0.003 * seed, "sel/mIoU": 0.3, "val/mIoU13": 0.4}
+            m.update({f"val/IoU/{c}": 0.5 + 0.01 * j for j, c in enumerate(CLASS_ORDER)})
+            params = {k: repr(0.0016051911333587634 * (n + 1) * 10 ** n) for n, k in enumerate(WIDE_KEYS)}
+            _run(client, exp, parent, row, seed, m, method="adaptseg", params=params if i >= 2 else None,
+                 tags={"study": "wide"})
+    out = store["root"] / "out_wide"
+    printed = {fmt: compare_study("wide", tracking_uri=store["uri"], out_dir=out, log_to_parent=False, fmt=fmt).text
+               for fmt in ("text", "markdown", "latex")}
+    return {"out": out, "printed": printed}
+
+
+def _significant_digits(number: str) -> int:
+    mantissa = number.lower().split("e")[0].lstrip("+-").replace(".", "").lstrip("0")
+    return len(mantissa.rstrip("0") if "." not in number else mantissa)
+
+
+def test_hyperparameters_printed_with_at_most_3_significant_digits(wide):
+    import re
+
+    from uda_ray.compare import _hp_text
+
+    assert _hp_text("0.0016051911333587634") == "0.00161" and _hp_text("0.00025") == "0.00025"
+    assert _hp_text("5000") == "5000" and _hp_text("12345") == "1.23e+04" and _hp_text("adam") == "adam"
+    assert _hp_text("0.1|0.123456") == "0.1|0.123" and _hp_text("True") == "True"
+    texts = {**wide["printed"], "md file": (wide["out"] / "wide_compare.md").read_text(),
+             "tex file": (wide["out"] / "wide_compare.tex").read_text()}
+    for where, text in texts.items():
+        values = re.findall(r"(?:lambda\\?_adv\\?_main|lr|lambda\\?_seg\\?_aux)=([-+0-9.eE]+)", text)
+        assert len(values) >= 6, (where, text)
+        assert all(_significant_digits(v) <= 3 for v in values), (where, values)
+        assert "0.00161" in text and "0.0016051" not in text
+
+
+def test_written_tex_is_the_printed_latex_table(wide):
+    tex = (wide["out"] / "wide_compare.tex").read_text()
+    assert tex == wide["printed"]["latex"] + "\n"
+    assert tex.count(r"\begin{tabular}") == 1 and r"\rotatebox" not in tex  # per class: its own file
+    per_class = (wide["out"] / "wide_compare_per_class.tex").read_text()
+    assert per_class.count(" & ") == 21 * 5 and r"\begin{table*}" in per_class  # row, mIoU, mIoU13, 19 classes
+
+
+def _pdflatex_missing() -> str:
+    import shutil
+
+    if not shutil.which("pdflatex"):
+        return "pdflatex not installed (.ci/run tries texlive-latex-base and -recommended)"
+    found = subprocess.run(["kpsewhich", "booktabs.sty"], capture_output=True, text=True).stdout.strip()
+    return "" if found else "booktabs.sty not installed (texlive-latex-recommended)"
+
+
+@pytest.mark.skipif(bool(_pdflatex_missing()), reason=_pdflatex_missing() or "pdflatex installed")
+def test_written_tex_fits_a_two_column_article(wide, tmp_path):
+    """Both tables compile in a two-column article: the compact one in a column, per class in a
+    table*; no overfull box, and at their natural size (before the \\resizebox safety net, which
+    shrinks the font) a few points at most over, for the longest row name."""
+    import re
+
+    for shrink in (True, False):
+        names = []
+        for f in ("wide_compare.tex", "wide_compare_per_class.tex"):
+            text = (wide["out"] / f).read_text()
+            if not shrink:  # the tabular at its natural width: \resizebox{...}{!}{% -> {%
+                text = "\n".join("{%" if ln.startswith(r"\resizebox") else ln for ln in text.splitlines())
+            (tmp_path / f).write_text(text)
+            names.append(f)
+        doc = tmp_path / "paper.tex"
+        doc.write_text("\\documentclass[twocolumn]{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n"
+                       + "".join(f"\\input{{{n}}}\n" for n in names) + "Text.\n\\end{document}\n")
+        run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        log = (tmp_path / "paper.log").read_text(errors="replace")
+        assert run.returncode == 0, log[-3000:]
+        if shrink:
+            assert "Overfull \\hbox" not in log, log[-3000:]
+        else:  # at natural size only the 20-character row name may stick out, by a few points
+            over = [float(x) for x in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", log)]
+            assert all(o < 6 for o in over), over

@@ -146,6 +146,10 @@ def test_train_cli_logs_a_full_row_to_mlflow(data_root, tmp_path, capsys):
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("uda-ray").experiment_id])
     assert run.info.status == "FINISHED"
+    # issue 29.8: the UI command with one web worker, and the URL of the run list (not the
+    # experiment's GenAI overview page, which shows no runs)
+    assert f"mlflow ui --backend-store-uri {uri} --workers 1" in out
+    assert f"/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning" in out
     assert run.data.params["adaptseg.lambda_adv_main"] == "0.001" and run.data.params["run.seed"] == "5"
     tags = run.data.tags
     assert tags["method"] == "adaptseg" and tags["seed"] == "5" and tags["bn"] == "shared"
@@ -224,6 +228,65 @@ def test_loss_curves_get_20_points_and_evaluation_time_is_not_training_time(data
     losses = [(s, m) for s, m in logged if "loss/seg_src" in m]
     assert [s for s, _ in losses] == [1, 2, 3, 4]  # log_every 50 > 4 iterations / 20: every step
     assert all(m["perf/sec_per_iter"] < 0.5 for _, m in losses), losses
+
+
+def test_training_bar_shows_whole_short_losses_that_fit_90_and_160_columns():
+    """Issue 29.7: six losses pushed the bar to 1-6 characters at 160 columns and were cut
+    mid-name at 90; now at most 4, abbreviated, only those that fit, the bar kept >= 10 wide."""
+    import re
+
+    from tqdm import tqdm
+
+    from uda_ray.progress import BAR_LOSSES, fit_postfix, loss_postfix, short_loss_name
+
+    assert [short_loss_name(k) for k in ("loss/seg_src", "loss/seg_src_aux", "loss/adv_tgt_main",
+                                         "loss/adv_tgt_aux", "loss/disc_main", "loss/adv_tgt_discoverer")] == \
+        ["seg", "seg.aux", "adv", "adv.aux", "D", "adv.disc"]
+    means = {"loss/seg_src": 0.41234, "loss/seg_src_aux": 0.52345, "loss/adv_tgt_main": 0.0012345,
+             "loss/adv_tgt_aux": 0.00045678, "loss/disc_main": 0.6931, "loss/disc_aux": 0.6932,
+             "perf/sec_per_iter": 1.5}
+    shown = {}
+    for cols in (90, 160):
+        for name, total, elapsed in (("adaptseg-s0", 150_000, 83), ("adaptseg_search-s12", 250_000, 50_000)):
+            text = loss_postfix(means, cols, name, total)
+            line = tqdm.format_meter(1234, total, elapsed, ncols=cols, prefix=name, postfix=text, unit="it")
+            assert len(line) <= cols, line  # nothing cut
+            assert line.endswith(f", {text}]") if text else re.search(r"(it/s|s/it)\]$", line), line
+            assert len(re.search(r"\|(.*)\|", line).group(1)) >= 10, line  # the bar stays a bar
+            items = text.split()
+            assert len(items) <= BAR_LOSSES and "perf" not in text  # none where none fits
+            assert all(re.fullmatch(r"[A-Za-z.]+=[-+0-9.e]+", i) for i in items), items
+            shown[cols, name] = items
+    assert shown[90, "adaptseg-s0"] == ["seg=0.412"]
+    assert shown[160, "adaptseg-s0"] == ["seg=0.412", "seg.aux=0.523", "adv=0.00123", "adv.aux=0.000457"]
+    # the last evaluation renames the bar "RUN (evaluating)": the losses that no longer fit go, whole
+    for cols in (90, 160):
+        desc = "adaptseg-s0 (evaluating): "  # tqdm's desc, with its ": "
+        text = fit_postfix(" ".join(shown[160, "adaptseg-s0"]), cols, desc, 150_000)
+        assert shown[160, "adaptseg-s0"][:len(text.split())] == text.split()
+        line = tqdm.format_meter(1234, 150_000, 83, ncols=cols, prefix=desc[:-2], postfix=text, unit="it")
+        assert len(line) <= cols and (line.endswith(f", {text}]") if text else re.search(r"(it/s|s/it)\]$", line))
+    # not a terminal (a log file): 120 columns assumed; loss/total first; names that collide stay whole
+    assert loss_postfix({"loss/seg_src": 1.0, "loss/total": 2.0, "loss/seg_tgt": 3.0}, None, "r", 10) == \
+        "total=2 seg_src=1 seg_tgt=3"
+
+
+def test_evaluations_are_labelled_val_sel_and_src(monkeypatch):
+    """Issue 29.7: the selection split (carved out of target train) was labelled ``eval train``."""
+    from types import SimpleNamespace
+
+    from uda_ray import engine
+
+    labels = []
+
+    def fake(method, dataset, ctx, **kw):
+        labels.append(kw.get("label"))
+        return SimpleNamespace(as_dict=lambda prefix, per_class=True: {f"{prefix}mIoU": 0.5}), [], 0.1
+
+    monkeypatch.setattr(engine, "evaluate", fake)
+    ctx = SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(max_val_images=0)), rank=0, world_size=1)
+    metrics, _, _ = engine.evaluate_all(None, {"val": 1, "sel": 2, "src_val": 3}, ctx, progress=True)
+    assert labels == ["val", "sel", "src"] and set(metrics) == {"val/mIoU", "sel/mIoU", "tgt/entropy", "src/mIoU"}
 
 
 def test_mosaic_has_column_titles_and_a_class_legend(tmp_path):

@@ -379,3 +379,23 @@ def test_ctrl_c_stops_a_study_and_a_rerun_equals_an_uninterrupted_one(cluster, d
         assert done[key].data.tags["lineage"] == r.data.tags["lineage"], key
     (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("uda_ray.kind") == "study"]
     assert parent.info.status == "FINISHED"
+
+
+def test_a_local_path_a_node_cannot_see_is_refused_before_any_trial(cluster, tmp_path, monkeypatch):
+    """On several nodes, each path the trials share is looked for by a task on every node:
+    this cluster's nodes share the disk, so a path here is seen and a missing one is named
+    per node; the study's refusal is one line that says what to pass instead."""
+    from uda_ray import distributed
+    from uda_ray.study import StudyError, _check_reachable
+
+    assert distributed.unreachable({"storage": str(tmp_path)}) == []
+    missing = distributed.unreachable({"storage": str(tmp_path / "nowhere")})
+    assert len(missing) == 2 and {m[0] for m in missing} == {"storage"}
+    _check_reachable("s", str(tmp_path / "storage"), str(tmp_path / "stages"), f"sqlite:///{tmp_path / 'm.db'}")
+    assert not list((tmp_path / "storage").iterdir())  # its marker is removed again
+    monkeypatch.setattr(distributed, "unreachable", lambda paths: [
+        (k, p, "10.0.0.2 (abcdef12)") for k, p in paths.items() if k == "storage"])
+    with pytest.raises(StudyError) as e:
+        _check_reachable("s", str(tmp_path / "storage"), "s3://b/stages", "http://127.0.0.1:5000")
+    msg = str(e.value)
+    assert "\n" not in msg and "--storage-path s3://" in msg and "10.0.0.2" in msg and str(tmp_path / "storage") in msg

@@ -296,3 +296,20 @@ def test_train_reuses_a_stored_stage_and_never_trains_anyway(data_root, tmp_path
     assert "reused" not in capsys.readouterr().out
     assert run("run.name=d", "optim.lr=0.02") == 0  # another stage
     assert "reused" not in capsys.readouterr().out
+
+
+def test_a_study_finishes_when_its_trials_record_another_code_fingerprint(ray_local, data_root, tmp_path,
+                                                                           monkeypatch):
+    """The training code edited while a study runs: its trials (fresh processes) record the new
+    code's lineage, not the one the driver computed when it started; the rows it trained in this
+    invocation still count as finished, so their dependents start from them."""
+    from uda_ray import fingerprint
+    from uda_ray.study import Row, Study, run_study
+
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda package=None: "code:driver-only")
+    study = Study(name="edited_code", base=_base(data_root, tmp_path, **{"run.iterations": 2}), seeds=(0,),
+                  baseline="src", rows=[Row("src", "source_only"), Row("ad", "adaptseg", init_from="src")])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run_study(study, storage_path=str(tmp_path / "storage"), tracking_uri=uri, out=str(tmp_path / "out")) == 0
+    runs = _rows(uri, "edited_code")
+    assert runs[("ad", "0")].data.tags["parent_lineage"] == runs[("src", "0")].data.tags["lineage"]

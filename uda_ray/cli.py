@@ -7,6 +7,9 @@ import sys
 import time
 
 DEFAULT_SYNTH_ROOT = "data/synth"
+# The top-level help's description: plain text (the module docstring is reStructuredText).
+DESCRIPTION = ("uda-ray: domain-adaptive semantic segmentation runs and studies (Ray Tune, Optuna, MLflow). "
+               "'uda-ray COMMAND --help' shows a command's options.")
 
 
 def _cmd_data_synth(args) -> int:
@@ -157,8 +160,21 @@ def _cmd_train(args) -> int:
           f"({result.seconds:.0f} s); run directory {result.run_dir}")
     print(result.scores.format_table())
     if tracker is not None:
-        print(f"MLflow run {tracker.run_id}: open the UI with  mlflow ui --backend-store-uri {tracker.tracking_uri}")
+        print(_ui_hint(tracker))
     return 0
+
+
+def _ui_hint(tracker) -> str:
+    """Where to see a ``uda-ray train`` run: the command that serves the MLflow UI (one web
+    worker) and the URL of the experiment's run list (MLflow 3.17 opens an experiment on a
+    page without runs otherwise)."""
+    from .tracking import runs_url, ui_command
+
+    url = runs_url(tracker.tracking_uri, tracker.experiment_id, view=False)
+    cmd = ui_command(tracker.tracking_uri)
+    if not cmd:  # a tracking server serves its own UI
+        return f"MLflow run {tracker.run_id}: {url}"
+    return f"MLflow run {tracker.run_id}: serve the UI with  {cmd}\n  then open  {url}"
 
 
 def _reuse_stage(cfg, run_dir, store, args) -> int | None:
@@ -320,6 +336,41 @@ def _cmd_bench_study(args) -> int:
     return result["totals"]["returncode"]
 
 
+# Packages that building the parser (and so `uda-ray --help`) must not import: each takes
+# seconds to import (torch alone 1-10 s on a loaded machine).
+HEAVY = ("torch", "torchvision", "ray", "mlflow", "optuna", "pandas", "matplotlib")
+
+
+def bench_cli(runs: int = 7) -> dict:
+    """``uda-ray --help`` run ``runs`` times, each in a fresh process: the median, fastest and
+    slowest wall time (seconds), and the heavy packages (:data:`HEAVY`) that importing this
+    module and building the parser imports (none expected)."""
+    import statistics
+    import subprocess
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("uda-ray")  # the console script of this environment
+    cmd = [str(script), "--help"] if script.is_file() else [sys.executable, "-m", "uda_ray.cli", "--help"]
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    probe = ("import sys, uda_ray.cli as c; c.build_parser().format_help(); "
+             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    heavy = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout.split()
+    return {"command": " ".join(cmd), "runs": runs, "median_s": statistics.median(times), "min_s": min(times),
+            "max_s": max(times), "heavy_imports": heavy}
+
+
+def _cmd_bench_cli(args) -> int:
+    r = bench_cli(args.runs)
+    print(f"{r['command']}: median {r['median_s']:.3f} s over {r['runs']} fresh processes "
+          f"(fastest {r['min_s']:.3f} s, slowest {r['max_s']:.3f} s)")
+    print(f"heavy packages imported to build the parser: {', '.join(r['heavy_imports']) or 'none'}")
+    return 1 if r["heavy_imports"] else 0
+
+
 def _cmd_bench_proxy(args) -> int:
     from .bench import bench_proxy
     from .config import ConfigError
@@ -429,11 +480,45 @@ def _cmd_config(args) -> int:
         return 0
     head = {"key": "key", "type": "type", "value": f"value ({args.preset or 'default'})", "range": "range",
             "help": "help"}
-    # a long value or list of choices overflows its column rather than widen it for every line
-    w = {k: max(len(head[k]), *(len(r[k]) for r in rows if len(r[k]) <= 32)) for k in ("key", "type", "value", "range")}
-    for r in [head, *rows]:
-        print("  ".join(r[k].ljust(w[k]) for k in w) + "  " + r["help"])
+    if args.preset:  # the values the preset changed from the defaults, marked with a *
+        default = {r["key"]: r["value"] for r in describe(None, args.method)}
+        rows = [{**r, "value": r["value"] + "*"} if default.get(r["key"], r["value"]) != r["value"] else r
+                for r in rows]
+        head["help"] = "help (*: set by the preset)"
+    print("\n".join(config_table(rows, head, terminal_width())))
     return 0
+
+
+def terminal_width(most: int = 120) -> int:
+    """The terminal's columns (``COLUMNS``, else the terminal's, else 120), at most ``most``."""
+    import shutil
+
+    return max(40, min(shutil.get_terminal_size((most, 24)).columns, most))
+
+
+def config_table(rows: list[dict], head: dict, width: int) -> list[str]:
+    """``uda-ray config``'s table within ``width`` columns: a key's line starts with the key;
+    a long value or list of choices wraps within its column, the help within the rest of the
+    line (on its own indented lines where the rest is too narrow). Continuation lines start
+    with a space."""
+    import textwrap
+
+    cap = {"key": 40, "type": 8, "value": 20, "range": 20}
+    w = {k: min(cap[k], max(len(head[k]), *(len(r[k]) for r in rows))) for k in cap}
+    offset = sum(w.values()) + 2 * len(w)
+    room = width - offset
+    out = []
+    for r in [head, *rows]:
+        cells = {k: textwrap.wrap(r[k], w[k], break_on_hyphens=False) or [""] for k in w}
+        cells["key"] = [r["key"]]  # a key is never wrapped (it overflows instead)
+        helps = textwrap.wrap(r["help"], room) if room >= 30 else []
+        below = [] if room >= 30 else textwrap.wrap(r["help"], width - 6)
+        for i in range(max(len(helps), *(len(c) for c in cells.values()))):
+            line = "  ".join((cells[k][i] if i < len(cells[k]) else "").ljust(w[k]) for k in w)
+            line = (line + "  " + (helps[i] if i < len(helps) else "")).rstrip()
+            out.append(line)  # after the first, the key's cell is blank: the line starts with spaces
+        out += ["      " + h for h in below]
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -442,6 +527,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _check_value(self, action, value):
+        """A value not among an argument's choices (a sub-command included): the closest
+        choices first (``invalid choice: 'trian'; did you mean 'train'?``), then them all."""
+        if action.choices is not None and value not in action.choices:
+            from .errors import did_you_mean
+
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{did_you_mean(value, action.choices)} "
+                                                 f"(choose from {choices})")
 
 
 def _count(text: str) -> int:
@@ -479,10 +574,11 @@ def _int_at_least(text: str, lo: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import METHODS, PRESETS
-    from .data.datasets import DATASETS
+    # Names from a leaf module: building the parser and --help import no torch, Ray, MLflow,
+    # Optuna or pandas (each command imports what it needs when it runs).
+    from .cli_spec import DATASET_NAMES as DATASETS, METHOD_NAMES as METHODS, PRESET_NAMES as PRESETS, add_study_args
 
-    p = _Parser(prog="uda-ray", description=__doc__)
+    p = _Parser(prog="uda-ray", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"uda-ray {__version__}")
     p.add_argument("--debug", action="store_true",
                    help="on an error, show its traceback instead of a one-line message")
@@ -523,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default=None, metavar="METHOD",
                    help=f"the method, required when CONFIG is a preset: {', '.join(sorted(METHODS))}")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key (repeatable; `uda-ray config` lists the keys)")
+                   help="override a config key (repeatable; uda-ray config lists the keys)")
     t.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
     t.add_argument("--experiment", default="uda-ray", help="MLflow experiment (default: %(default)s)")
     t.add_argument("--no-mlflow", action="store_true", help="do not track this run")
@@ -562,11 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--quiet", action="store_true", help="no progress bars")
     pt.set_defaults(func=_cmd_pretrain)
 
-    from .study import study_arg_parser
 
     st = sub.add_parser("study", help="run a study (studies/NAME.py) on the current Ray cluster")
     st.add_argument("study", help="the study: its script's path, or its name (NAME for studies/NAME.py)")
-    study_arg_parser(st)
+    add_study_args(st)
     st.set_defaults(func=_cmd_study)
 
     pl = sub.add_parser("plan", help="what studies would train, reuse or skip (in order, sharing the stage store), "
@@ -597,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
     cp.add_argument("--out", default=None,
                     help="folder for the tables (CSV, Parquet, Markdown, LaTeX), the per-seed table and the "
-                         "figures (PNG, PDF, SVG) (default: runs/STUDY, where `uda-ray study` writes them)")
+                         "figures (PNG, PDF, SVG) (default: runs/STUDY, where uda-ray study writes them)")
     cp.add_argument("--format", default="text", choices=("text", "markdown", "latex"),
                     help="how the table is printed (default: %(default)s; the files have every format)")
     cp.add_argument("--per-class", action="store_true", help="print the per-class IoU columns too")
@@ -672,6 +767,10 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --model: config overrides")
     bp.add_argument("--rounds", type=_positive, default=1, help="with --model: keep each case's fastest of N")
     bp.set_defaults(func=_cmd_bench_proxy)
+    bc = bsub.add_parser("cli", help="wall time of 'uda-ray --help' in a fresh process (what every command pays "
+                                     "before it starts), and the heavy packages building the parser imports")
+    bc.add_argument("--runs", type=_positive, default=7, help="fresh processes timed (default: %(default)s)")
+    bc.set_defaults(func=_cmd_bench_cli)
     return p
 
 

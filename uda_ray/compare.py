@@ -2,7 +2,9 @@
 read from MLflow alone (the study runner's parent run and its child runs).
 
 Written to ``runs/STUDY/`` by default (``out_dir``) and logged to the study's parent run under
-``compare/``: the table (``STUDY_compare.{csv,parquet,md,tex}``), the per-seed table
+``compare/``: the table (``STUDY_compare.{csv,parquet,md,tex}``; the ``.tex`` is the compact table
+``--format latex`` prints, for one column of a two-column paper, with per-class IoU in
+``STUDY_compare_per_class.tex``, a full-width ``table*``), the per-seed table
 (``STUDY_seeds.{csv,parquet}``: one line per seed run, counted or not, and the stage it reused), the importances
 (``STUDY_importances.csv``) and the figures of :mod:`uda_ray.figures` (PNG, PDF, SVG). The parent
 run also gets the table as an MLflow table (``compare/table.json``) and each row's means as
@@ -173,8 +175,14 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
     seeds.to_parquet(files[3], index=False)
     files[4].write_text(_render(name, spec, rows, table, selection, importances, trials, notes,
                                 per_class=True, fmt="markdown") + "\n")
+    # LaTeX: the compact table that --format latex prints (one column of a two-column paper),
+    # and per-class IoU in its own full-width table
+    per_class_tex = out / f"{stem}_compare_per_class.tex"
     files[5].write_text(_render(name, spec, rows, table, selection, importances, trials, notes,
-                                per_class=True, fmt="latex") + "\n")
+                                fmt="latex", per_class_file=per_class_tex.name) + "\n")
+    if any(c.startswith("IoU/") for c in table.columns):
+        per_class_tex.write_text("\n".join(_latex_per_class(name, spec, table)) + "\n")
+        files.append(per_class_tex)
     files += write_figures(stem, table, seeds, report=spec.report, baseline=spec.baseline,
                            importances=importances, importance_trials=trials, out_dir=out)
     if importances:
@@ -182,20 +190,37 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
     if log_to_parent:
         _log_to_parent(client, parent.info.run_id, spec, table, files)
 
-    text = _render(name, spec, rows, table, selection, importances, trials, notes, per_class=per_class, fmt=fmt)
+    text = _render(name, spec, rows, table, selection, importances, trials, notes, per_class=per_class, fmt=fmt,
+                   per_class_file=per_class_tex.name)
     return CompareResult(table=table, text=text, files=files, importances=importances, selection=selection,
                          seeds=seeds, importance_trials=trials)
 
 
 def _log_to_parent(client, parent_id: str, spec: "_Spec", table, files: list[Path]) -> None:
-    """The files under ``compare/``, the table as an MLflow table, each row's means as metrics."""
+    """The files under ``compare/``, the table as an MLflow table, each row's means as metrics.
+
+    The table is written here in ``MlflowClient.log_table``'s format (pandas' ``split`` JSON,
+    the run's ``mlflow.loggedArtifacts`` tag naming it a table) and logged as a plain artifact,
+    which replaces the file: ``log_table`` appends to an existing table, so every ``compare``
+    would add another copy of every row."""
+    import json
+    import tempfile
     import time
 
     from mlflow.entities import Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
     for f in files:
         client.log_artifact(parent_id, str(f), artifact_path="compare")
-    client.log_table(parent_id, data=table.astype(object).where(table.notna(), None), artifact_file="compare/table.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "table.json"
+        table.astype(object).where(table.notna(), None).to_json(path, orient="split", index=False,
+                                                                 date_format="iso")
+        client.log_artifact(parent_id, str(path), artifact_path="compare")
+    logged = json.loads(client.get_run(parent_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": "compare/table.json", "type": "table"}
+    if entry not in logged:  # what makes the UI's artifact view show it as a table
+        client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
     col, ts = spec.report_col, int(time.time() * 1000)
     metrics = []
     for _, t in table.iterrows():
@@ -632,18 +657,114 @@ def _tex(text: str) -> str:
     return "$-$" + out[1:] if out[:1] == "-" and out[1:2].isdigit() else out  # a minus, not a hyphen
 
 
-def _latex(name: str, title: str, header: list[str], lines: list[list[str]], right: list[bool]) -> list[str]:
-    """A booktabs table (``\\usepackage{booktabs}``) with the title as its caption."""
-    spec = "".join("r" if r else "l" for r in right)
-    return [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-            " & ".join(_tex(h) for h in header) + r" \\", r"\midrule",
-            *(" & ".join(_tex(c) for c in cells) + r" \\" for cells in lines),
-            r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(title)}}}", rf"\label{{tab:{_tex(name)}}}",
-            r"\end{table}"]
+def _hp_text(value) -> str:
+    """A hyperparameter's value with at most 3 significant digits (Optuna's
+    ``0.0016051911333587634`` is ``0.00161``); integers such as 5000 stay integers, text
+    (a choice) stays as it is, several values (``a|b``) each rounded."""
+    parts = []
+    for v in str(value).split("|"):
+        try:
+            f = float(v)
+        except ValueError:
+            parts.append(v)
+            continue
+        if not math.isfinite(f):
+            parts.append(v)
+        elif f.is_integer() and len(str(int(abs(f))).rstrip("0")) <= 3:
+            parts.append(str(int(f)))
+        else:
+            parts.append(f"{f:.3g}")
+    return "|".join(parts)
+
+
+def _hp_short(keys) -> dict[str, str]:
+    """Each dotted key by its last part (``adaptseg.lambda_adv_main`` -> ``lambda_adv_main``),
+    unless two keys share it."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+
+
+# The LaTeX tables' preamble needs; each table file says it in its first line.
+_TEX_PACKAGES = r"% needs \usepackage{booktabs,graphicx}"
+
+
+def _fit(width: str) -> str:
+    r"""``\resizebox`` that shrinks its tabular to ``width`` only where it is wider (a long row
+    name), else leaves it at its natural size (graphicx's ``\width`` is the natural width)."""
+    return rf"\resizebox{{\ifdim\width>{width}{width}\else\width\fi}}{{!}}{{%"
+
+
+def _tex_pm(cell: str) -> str:
+    r"""A cell in LaTeX, a ``mean ± std`` one with the std smaller (``32.0{\scriptsize\,$\pm$\,2.0}``)."""
+    mean, pm, std = cell.partition(" ± ")
+    return _tex(mean) + (rf"{{\scriptsize\,$\pm$\,{_tex(std)}}}" if pm else "")
+
+
+def _latex_main(name: str, title: str, spec: _Spec, rows: list[_Row], table) -> list[str]:
+    r"""The compact booktabs table for one column of a two-column paper: row, n, mean ± std,
+    Δ, seed-paired Δ and seeds won; the search rows' best hyperparameters (3 significant digits)
+    in a note below it, per-class IoU in its own table (:func:`_latex_per_class`)."""
+    col = spec.report_col
+    header = ["row", "n", col] + ["Δ", "paired Δ", "won"] * bool(spec.baseline)
+    lines = []
+    for _, t in table.iterrows():
+        cells = [t["row"], str(t["n"]), _mean_std(t, col)]
+        if spec.baseline:
+            base = t["row"] == spec.baseline
+            cells.append(_DASH if base else _f(t["delta"], signed=True))
+            if base or not t["n_paired"]:
+                cells += [_DASH, _DASH]
+            else:
+                std = "" if math.isnan(t["delta_paired_std"]) else f" ± {t['delta_paired_std']:.1f}"
+                cells += [f"{t['delta_paired']:+.1f}{std}", f"{t['wins']}/{t['n_paired']}"]
+        lines.append(cells)
+    hps = []
+    for row in rows:
+        if row.hparams:
+            short = _hp_short(list(row.hparams))
+            hps.append(_tex(f"{row.name}: ") + ", ".join(_tex(f"{short[k]}={_hp_text(v)}")
+                                                         for k, v in row.hparams.items()))
+    caption = title + (f"; paired Δ: mean ± std of the seed-paired differences to {spec.baseline}, won: the "
+                       "seeds on which the row beats it" if spec.baseline else "")
+    out = [_TEX_PACKAGES, r"\begin{table}[t]", r"\centering", r"\small", r"\setlength\tabcolsep{3pt}",
+           _fit(r"\linewidth"), rf"\begin{{tabular}}{{@{{}}l{'r' * (len(header) - 1)}@{{}}}}", r"\toprule",
+           " & ".join(_tex(h) for h in header) + r" \\", r"\midrule",
+           *(" & ".join(_tex_pm(c) for c in cells) + r" \\" for cells in lines),
+           r"\bottomrule", r"\end{tabular}}"]
+    if hps:
+        out += [r"\par\smallskip", r"{\footnotesize\raggedright Best hyperparameters: " + "; ".join(hps) + r".\par}"]
+    return out + [rf"\caption{{{_tex(caption)}}}", rf"\label{{tab:{_tex(name)}}}", r"\end{table}"]
+
+
+def _latex_per_class(name: str, spec: _Spec, table) -> list[str]:
+    r"""Per-class IoU (mean over seeds, %) for a two-column paper's full width (``table*``):
+    class names turned upright, the tabular shrunk to ``\linewidth`` only if wider."""
+    classes = [c for c in table.columns if c.startswith("IoU/")]
+    extra = [col for col in (spec.report_col, "mIoU13") if col in table.columns]
+    header = ["row", *extra, *(c[len("IoU/"):].replace("_", " ") for c in classes)]
+    head = [_tex(h) if j <= len(extra) else rf"\rotatebox{{90}}{{{_tex(h)}}}" for j, h in enumerate(header)]
+    lines = [" & ".join([_tex(t["row"]), *(_f(t[c]) for c in extra + classes)]) + r" \\"
+             for _, t in table.iterrows()]
+    title = f"study {name}: target-{spec.split} IoU per class (%), mean over seeds"
+    return [_TEX_PACKAGES, r"\begin{table*}[t]", r"\centering", r"\scriptsize", r"\setlength\tabcolsep{2pt}",
+            _fit(r"\linewidth"), rf"\begin{{tabular}}{{@{{}}l{'r' * (len(header) - 1)}@{{}}}}", r"\toprule",
+            " & ".join(head) + r" \\", r"\midrule", *lines, r"\bottomrule", r"\end{tabular}}",
+            rf"\caption{{{_tex(title)}}}", rf"\label{{tab:{_tex(name)}-per-class}}", r"\end{table*}"]
+
+
+def _mean_std(t, col: str) -> str:
+    if t["n"] == 0:
+        return _DASH
+    if math.isnan(t[f"{col}_std"]):
+        return f"{t[col]:4.1f}"
+    return f"{t[col]:4.1f} ± {t[f'{col}_std']:.1f}"
 
 
 def _render(name: str, spec: _Spec, rows: list[_Row], table, selection: dict, importances: dict,
-            trials: dict, notes: list[str], *, per_class: bool = False, fmt: str = "text") -> str:
+            trials: dict, notes: list[str], *, per_class: bool = False, fmt: str = "text",
+            per_class_file: str = "") -> str:
+    """The table as printed (``fmt``). LaTeX: the compact main table, exactly the file
+    ``STEM_compare.tex`` (``per_class_file`` names its per-class table, appended with ``per_class``)."""
     col = spec.report_col
     title = f"study {name}: target-{spec.split} {col} (%), mean ± std over seeds"
     if spec.baseline:
@@ -657,27 +778,23 @@ def _render(name: str, spec: _Spec, rows: list[_Row], table, selection: dict, im
     right += [True] * has13 + [True] * len(classes) + [False] * has_hp
     lines = []
     for row, (_, t) in zip(rows, table.iterrows()):
-        if t["n"] == 0:
-            m = _DASH
-        elif math.isnan(t[f"{col}_std"]):
-            m = f"{t[col]:4.1f}"
-        else:
-            m = f"{t[col]:4.1f} ± {t[f'{col}_std']:.1f}"
-        cells = [t["row"], t["method"], str(t["n"]), m]
+        cells = [t["row"], t["method"], str(t["n"]), _mean_std(t, col)]
         if spec.baseline:
             cells.append(_DASH if t["row"] == spec.baseline else _f(t["delta"], signed=True))
             cells.append(_DASH if t["row"] == spec.baseline or not t["n_paired"] else _paired(t))
         cells += [_f(t["sel_mIoU"]), str(t["n_failed"]) if t["n_failed"] else ""]
         cells += ([_f(t["mIoU13"])] if has13 else []) + [_f(t[c]) for c in classes]
-        cells += [", ".join(f"{k}={v}" for k, v in row.hparams.items())] if has_hp else []
+        cells += [", ".join(f"{k}={_hp_text(v)}" for k, v in row.hparams.items())] if has_hp else []
         lines.append(cells)
     if fmt == "markdown":
         out = [f"**{title}**", "", *_markdown(header, lines, right), ""]
     elif fmt == "latex":
-        out = _latex(name, title, header, lines, right)
+        out = _latex_main(name, title, spec, rows, table)
     else:
         out = [title, *_grid(header, lines, right)]
-    if not per_class and [c for c in table.columns if c.startswith("IoU/")]:
+    if fmt == "latex" and [c for c in table.columns if c.startswith("IoU/")]:  # the same with --per-class
+        notes = [*notes, f"per-class IoU: the table in {per_class_file or 'STUDY_compare_per_class.tex'}"]
+    elif not per_class and [c for c in table.columns if c.startswith("IoU/")]:
         notes = [*notes, "per-class IoU: --per-class, or the CSV/Parquet files"]
 
     after = []
@@ -706,6 +823,8 @@ def _render(name: str, spec: _Spec, rows: list[_Row], table, selection: dict, im
         after = [f"- {a}" for a in after]
     elif fmt == "latex":
         after = [f"% {a}" for a in after]
+        if per_class and [c for c in table.columns if c.startswith("IoU/")]:
+            after += ["", *_latex_per_class(name, spec, table)]
     return "\n".join(out + after)
 
 

@@ -202,6 +202,42 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(num_cpus=num_cpus, log_to_driver=False)
 
 
+def node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray): recorded on every trial's run, so a
+    study's placement across nodes can be read from MLflow."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() or ""
+    except Exception:  # noqa: BLE001 - not in a Ray process
+        return ""
+
+
+def unreachable(paths: dict[str, str]) -> list[tuple[str, str, str]]:
+    """On a cluster of several nodes: ``(name, path, node address)`` for each local ``paths``
+    entry that some alive node cannot see (a task pinned to each node looks for it). A
+    single-node cluster sees what this process sees: nothing is checked. Local nodes that
+    share this machine's disk (tests' clusters) see everything."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1 or not paths:
+        return []
+
+    @ray.remote(num_cpus=0)
+    def missing(ps: dict) -> list[str]:
+        return [k for k, p in ps.items() if not os.path.exists(p)]
+
+    refs = [(n, missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+             .remote(paths)) for n in nodes]
+    out = []
+    for n, ref in refs:
+        for k in ray.get(ref, timeout=120):
+            out.append((k, paths[k], f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"))
+    return out
+
+
 def dashboard_url() -> str:
     """The Ray dashboard of the connected cluster (``http://127.0.0.1:8265`` for a local one),
     '' when there is none (Ray without its dashboard extras)."""

@@ -36,6 +36,7 @@ from .evaluation import ConfusionMatrix, Scores, predict, summarize
 from .models import build_segmenter
 from .models.from_config import start_of
 from .mosaic import mosaic_png
+from .progress import fit_postfix, loss_postfix
 
 
 class NonFiniteLoss(UserError, RuntimeError):
@@ -227,14 +228,17 @@ def poly_lr(base: float, step: int, horizon: int, power: float) -> float:
 
 @torch.no_grad()
 def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int = 0,
-             progress: bool = False, entropy: bool = False) -> tuple[Scores, list, float | None]:
+             progress: bool = False, entropy: bool = False,
+             label: str | None = None) -> tuple[Scores, list, float | None]:
     """Scores on a labelled split: predict at the training size, upsample the logits to the
     label's full size, accumulate one confusion matrix (summed over DDP ranks). Streams one
     image at a time in bounded memory.
 
     Returns the scores, up to ``mosaic`` (image, label, prediction, extra maps) rows, and with
     ``entropy`` the mean normalised prediction entropy (a label-free criterion: it reads
-    the softmax, never the labels).
+    the softmax, never the labels). ``label``: the progress bar's name of the split (``val``,
+    ``sel``, ``src``; default: the dataset's split, e.g. ``train`` for the selection images,
+    which are carved out of the target's train split).
     """
     model = method.model
     was_training = model.training
@@ -248,7 +252,7 @@ def evaluate(method, dataset, ctx: Context, *, max_images: int = 0, mosaic: int 
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(loader, desc=f"eval {getattr(dataset, 'split', '')}".rstrip(), leave=False, unit="img",
+        it = tqdm(loader, desc=f"eval {label or getattr(dataset, 'split', '')}".rstrip(), leave=False, unit="img",
                   total=min(len(loader), max_images) if max_images else len(loader), dynamic_ncols=True)
     for i, batch in enumerate(it):
         if max_images and i * ctx.world_size + ctx.rank >= max_images:
@@ -284,14 +288,14 @@ def evaluate_all(method, data: dict, ctx: Context, *, mosaic: int = 0,
     if ctx.world_size > 1:
         sync_buffers(method, ctx.world_size)
     scores, triplets, _ = evaluate(method, data["val"], ctx, max_images=run.max_val_images, mosaic=mosaic,
-                                   progress=bar)
+                                   progress=bar, label="val")
     metrics = scores.as_dict("val/")
     if "sel" in data:
-        sel, _, ent = evaluate(method, data["sel"], ctx, entropy=True, progress=bar)
+        sel, _, ent = evaluate(method, data["sel"], ctx, entropy=True, progress=bar, label="sel")
         metrics.update(sel.as_dict("sel/", per_class=False))
         metrics["tgt/entropy"] = ent
     if "src_val" in data:
-        src, _, _ = evaluate(method, data["src_val"], ctx, progress=bar)
+        src, _, _ = evaluate(method, data["src_val"], ctx, progress=bar, label="src")
         metrics.update(src.as_dict("src/", per_class=False))
     return metrics, scores, triplets
 
@@ -480,7 +484,9 @@ def _fit(cfg: Config, run_dir: Path, tracker, progress: bool, on_checkpoint, res
         distribute(method, world)
 
     tracker.log_params(cfg.flat())
-    tracker.set_tags({**run_tags(cfg, method, data), **{k: v for k, v in lineage.items() if k != "parent" and v}})
+    tracker.set_tags({**run_tags(cfg, method, data), **{k: v for k, v in lineage.items() if k != "parent" and v},
+                      # a run that went on from a checkpoint (a restarted trial, a killed node): from where
+                      **({"resumed_from_step": str(start)} if start and method.trains else {})})
 
     iters = cfg.run.iterations if method.trains else 0
     horizon = cfg.run.schedule_iterations or cfg.run.iterations
@@ -616,8 +622,7 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
                 means["lr/seg"] = method.optimizers()["seg"].optimizer.param_groups[0]["lr"]
             tracker.log_metrics(means, step=done)
             if bar is not None:
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")},
-                                refresh=False)
+                bar.set_postfix_str(loss_postfix(means, bar.ncols, cfg.run_name, iters), refresh=False)
             sums, counts, count, train_s, t_log = {}, {}, 0, 0.0, time.perf_counter()
         last = done == iters
         do_eval = last or (run.eval_every and done % run.eval_every == 0)
@@ -628,7 +633,8 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
             t = phases.add("train", t_phase)
         if do_eval:
             if bar is not None and last:
-                bar.set_description(f"{cfg.run_name} (evaluating)", refresh=True)
+                bar.set_description(f"{cfg.run_name} (evaluating)", refresh=False)
+                bar.set_postfix_str(fit_postfix(bar.postfix or "", bar.ncols, bar.desc, iters), refresh=True)
             metrics, scores, triplets = evaluate_all(method, data, ctx, mosaic=run.mosaic_images if last else 0,
                                                      progress=bar is not None)
             tracker.log_metrics(metrics, step=done)

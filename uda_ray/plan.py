@@ -184,9 +184,11 @@ def _completed_trials(study, row, name: str, smoke: bool) -> int:
     if not db.is_file():
         return 0
     try:
-        from .study import _completed
+        import optuna
 
-        return len(_completed(f"{name}.{row.name}", f"sqlite:///{db.resolve()}"))
+        st = optuna.load_study(study_name=f"{name}.{row.name}", storage=f"sqlite:///{db.resolve()}")
+        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return sum(t.state in done for t in st.trials)  # as the study counts them towards num_samples
     except Exception:  # noqa: BLE001 - no Optuna here, or no such study in the storage
         return 0
 

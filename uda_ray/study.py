@@ -233,26 +233,11 @@ class Study:
 
 
 def study_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(description="run a uda-ray study")
-    p.add_argument("--smoke-test", action="store_true", help="tiny iterations, one seed, 2 search trials")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
-    p.add_argument("--storage-path", default=None,
-                   help="shared storage for checkpoints and Tune state (default: UDA_RAY_STORAGE or ./runs/ray)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
-    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: the study's)")
-    p.add_argument("--out", default="runs", help="local folder for run directories and the compare table")
-    p.add_argument("--variant", default=None,
-                   help="run a named variant of the study, recorded as STUDY-VARIANT (e.g. shared_bn: the "
-                        "random-init, shared-BatchNorm control of a table study)")
-    p.add_argument("--reuse", default="exact", choices=("exact", "never"),
-                   help="exact (default): a row x seed whose lineage (config, parent, data, code) is in the stage "
-                        "store is taken from it instead of trained; never: train it anyway")
-    p.add_argument("--store", default=None,
-                   help="the stage store (default: UDA_RAY_STORE, else STORAGE_PATH/stages)")
-    p.add_argument("--plan", action="store_true",
-                   help="print what the study would do (train, reuse, skip) for every row x seed, and the totals; "
-                        "runs nothing")
-    return p
+    """The options of ``uda-ray study`` (declared in :mod:`uda_ray.cli_spec`, which ``uda-ray
+    --help`` reads without importing this module)."""
+    from .cli_spec import add_study_args
+
+    return add_study_args(parser or argparse.ArgumentParser(description="run a uda-ray study"))
 
 
 def find_study(arg: str | Path) -> Path:
@@ -375,12 +360,17 @@ class StudyRecord:
         """The study's run list in the MLflow UI (:func:`uda_ray.tracking.runs_url`)."""
         return tracking.runs_url(self.tracking_uri, self.experiment_id)
 
-    def finished(self, row: str, seed: int, *, lineage: str | None = None, chash: str | None = None):
+    def finished(self, row: str, seed: int, *, lineage: str | None = None, chash: str | None = None,
+                 selected_since: int | None = None):
         """The FINISHED run of this row x seed of this ``lineage`` (or, where the lineage
-        cannot be known here, of this config hash ``chash``), None if there is none."""
+        cannot be known here, of this config hash ``chash``), None if there is none; with
+        ``selected_since`` (ms), only a run the study selected since then."""
+        from .compare import SELECTED_TAG
+
         key, value = ("lineage", lineage) if lineage is not None else ("config_hash", chash)
         for run in self.children(row=row, seed=str(seed), search="0"):
-            if run.info.status == "FINISHED" and run.data.tags.get(key) == value:
+            if run.info.status == "FINISHED" and run.data.tags.get(key) == value and (
+                    selected_since is None or int(run.data.tags.get(SELECTED_TAG) or 0) >= selected_since):
                 return run
         return None
 
@@ -478,7 +468,8 @@ def drive_trial(config: dict, ctx: dict) -> None:
     # source tags (command, commit, user) are the study's.
     parent_tags = client.get_run(ctx["parent_id"]).data.tags
     tags = {"mlflow.parentRunId": ctx["parent_id"], "study": ctx["study"], "seed": str(seed), "search": search,
-            "config_hash": config_hash(flat), "uda_ray.tune_trial": tid, **t.get("tags", {}),
+            "config_hash": config_hash(flat), "uda_ray.tune_trial": tid, "uda_ray.node": distributed.node_id(),
+            **t.get("tags", {}),
             **({"lineage": lineage} if lineage else {}),
             **{k: v for k, v in parent_tags.items() if k.startswith(("mlflow.source.", "mlflow.user"))}}
     if search == "1":
@@ -666,6 +657,7 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     for cfg in needs.values():
         ensure_data(cfg)
     distributed.init_ray(address)
+    _check_reachable(name, storage_path, store_root or default_root(storage_path), tracking_uri)
     for row in study.rows:  # a space defined in the study script travels by value to the trials
         if row.space is not None:
             distributed.pickle_by_value(sys.modules.get(row.space.__module__))
@@ -713,6 +705,10 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
         return starts[key]
 
     contexts: dict[str, str | None] = {}  # a config's data and code fingerprints by config hash
+    # A row x seed this invocation trained (or reused) counts as finished whatever lineage its
+    # trial recorded: the training code may have been edited while the study ran, so that its
+    # trials record another code fingerprint than this process computed when it started.
+    invocation_start = int(time.time() * 1000)
 
     def context(flat: dict) -> str | None:
         """A config's :func:`~uda_ray.fingerprint.stage_context`, None where its data is not
@@ -747,7 +743,8 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
         lineage = lineage_of_job(name, seed, values, start)
         if lineage is None:
             return record.finished(name, seed, chash=chash)
-        return record.finished(name, seed, lineage=lineage)
+        return record.finished(name, seed, lineage=lineage) or record.finished(
+            name, seed, chash=chash, selected_since=invocation_start)
 
     def resolve(job: dict) -> tuple[str, str]:
         """('run', init_from checkpoint or ''), ('skip', '') or ('fail', why) for a row x seed
@@ -821,6 +818,58 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
             print(f"  {f}")
     print(closing_message(record, result.files, tracking_uri=tracking_uri))
     return 1 if failed else 0
+
+
+def _check_reachable(name: str, storage_path: str, store_root: str, tracking_uri: str | None) -> None:
+    """On a cluster of several nodes, refuse (before any trial) local paths that the trials
+    use but some node cannot see: the storage path (checkpoints, Tune state), the stage store
+    and an SQLite MLflow store. The study's lock and Optuna storage are used by this process
+    only. A marker written into a local storage path must be visible from every node (a
+    shared file system passes).
+
+    Raises:
+        StudyError: one line naming the path, the node and what to pass instead.
+    """
+    import uuid
+
+    from . import distributed
+
+    paths: dict[str, str] = {}
+    marker = None
+    if "://" not in storage_path:
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+        marker = Path(storage_path) / f".uda-ray-visible-{uuid.uuid4().hex[:12]}"
+        marker.write_text("written by the study's driver: every node must see it\n")
+        paths["storage"] = str(marker)
+    if "://" not in store_root:
+        Path(store_root).mkdir(parents=True, exist_ok=True)
+        paths["store"] = store_root
+    db = tracking._sqlite_file(tracking.resolve_uri(tracking_uri))
+    if db is not None:
+        paths["mlflow"] = str(db.resolve().parent)
+    try:
+        missing = distributed.unreachable(paths)
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+    if not missing:
+        return
+    what, path, node = missing[0]
+    path = str(Path(path).parent) if what == "storage" else path
+    fix = {"storage": "pass --storage-path s3://BUCKET/PATH (or a path on a file system every node mounts)",
+           "store": "pass --store s3://BUCKET/PATH (or leave UDA_RAY_STORE unset: the store then lives under "
+                    "--storage-path)",
+           "mlflow": "run an MLflow tracking server (mlflow server --host 0.0.0.0 --backend-store-uri "
+                     "sqlite:///... --default-artifact-root s3://...) and pass --tracking-uri http://HEAD:5000"}[what]
+    label = {"storage": "storage path", "store": "stage store", "mlflow": "MLflow store"}[what]
+    raise StudyError(f"study {name}: the {label} {path} is on this machine's disk and node {node} of this "
+                     f"{len(distributed_nodes())}-node cluster cannot see it: {fix}")
+
+
+def distributed_nodes() -> list:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
 
 
 def _interrupted(record: StudyRecord, name: str, signum: int) -> int:
