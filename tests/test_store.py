@@ -190,6 +190,14 @@ def test_the_store_works_on_an_s3_compatible_server(tmp_path, monkeypatch):
             assert f.read() == b"x" * 100
         store.remove("abc")
         assert store.lineages() == []
+        # a lease its holder stopped renewing (killed with its node) is taken without waiting;
+        # a held one is renewed while its holder trains
+        store._write(json.dumps({"host": "gone", "pid": 1, "time": time.time() - 1000}).encode(), ".locks", "L.json")
+        waited = []
+        with store.lock("L", on_wait=lambda: waited.append(1)):
+            held = json.loads(store._read(".locks", "L.json"))
+            assert (held["host"], held["pid"]) != ("gone", 1) and time.time() - held["time"] < 30
+        assert not waited and store._read(".locks", "L.json") is None
     finally:
         server.stop()
 
@@ -220,7 +228,8 @@ def _rows(uri: str, study: str) -> dict:
             if r.data.tags.get("uda_ray.kind") == "row" and r.info.status == "FINISHED"}
 
 
-def test_a_later_study_reuses_the_stage_an_earlier_one_trained(ray_local, data_root, tmp_path, capsys, uda_ray_store):
+def test_a_later_study_reuses_the_stage_an_earlier_one_trained(ray_local, data_root, tmp_path, capsys, uda_ray_store,
+                                                              monkeypatch):
     from uda_ray.compare import compare_study
     from uda_ray.study import Row, Study, run_study
 
@@ -232,7 +241,16 @@ def test_a_later_study_reuses_the_stage_an_earlier_one_trained(ray_local, data_r
                          Row("ad_ls", "adaptseg", init_from="src", set={"adaptseg.gan": "ls"})])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     kw = dict(storage_path=str(tmp_path / "storage"), tracking_uri=uri, out=str(tmp_path / "out"))
-    assert run_study(first, **kw) == 0
+    # The training code edited while the first study runs: its trials (fresh processes) record
+    # the new code's lineage, not the one its driver computed when it started; the rows it
+    # trained in this invocation still count as finished, so their dependents start from them.
+    from uda_ray import fingerprint
+
+    with monkeypatch.context() as m:
+        m.setattr(fingerprint, "code_fingerprint", lambda package=None: "code:driver-only")
+        assert run_study(first, **kw) == 0
+    a = _rows(uri, "table")
+    assert a[("ad", "0")].data.tags["parent_lineage"] == a[("src", "0")].data.tags["lineage"]
     capsys.readouterr()
     # the plan of the second study: its source row is in the store, its own row trains
     assert run_study(second, **kw, plan=True) == 0
@@ -297,19 +315,3 @@ def test_train_reuses_a_stored_stage_and_never_trains_anyway(data_root, tmp_path
     assert run("run.name=d", "optim.lr=0.02") == 0  # another stage
     assert "reused" not in capsys.readouterr().out
 
-
-def test_a_study_finishes_when_its_trials_record_another_code_fingerprint(ray_local, data_root, tmp_path,
-                                                                           monkeypatch):
-    """The training code edited while a study runs: its trials (fresh processes) record the new
-    code's lineage, not the one the driver computed when it started; the rows it trained in this
-    invocation still count as finished, so their dependents start from them."""
-    from uda_ray import fingerprint
-    from uda_ray.study import Row, Study, run_study
-
-    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda package=None: "code:driver-only")
-    study = Study(name="edited_code", base=_base(data_root, tmp_path, **{"run.iterations": 2}), seeds=(0,),
-                  baseline="src", rows=[Row("src", "source_only"), Row("ad", "adaptseg", init_from="src")])
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert run_study(study, storage_path=str(tmp_path / "storage"), tracking_uri=uri, out=str(tmp_path / "out")) == 0
-    runs = _rows(uri, "edited_code")
-    assert runs[("ad", "0")].data.tags["parent_lineage"] == runs[("src", "0")].data.tags["lineage"]

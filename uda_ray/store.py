@@ -21,9 +21,13 @@ end is stored: a failed, killed or early-stopped one never is.
 
 Concurrency: :meth:`StageStore.lock` holds a lock per lineage while a stage trains, so two
 studies that need the same stage at once train it once (the second waits, then takes the
-stored stage). On a local store it is an ``flock`` on ``<root>/.locks/<lineage>.lock``; on an
-object store (which has no locks) it is an advisory marker object with the owner's host and
-pid, honoured while younger than :data:`REMOTE_LOCK_TTL_S`.
+stored stage). On a local store it is an ``flock`` on ``<root>/.locks/<lineage>.lock``
+(released by the kernel when its process dies); on an object store (which has no locks) it
+is an advisory lease object with the owner's host and pid that the owner renews every 15 s
+and that others honour while younger than :data:`REMOTE_LEASE_S`: a holder killed with its
+node (the cluster test kills one) holds it a minute at most. Two waiters that find an
+expired lease at the same moment may both take it (and both train the stage: the second
+store of it is skipped).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 STAGE_FILE = "stage.json"
 CHECKPOINT_DIR = "checkpoint"
 LOCKS = ".locks"
-REMOTE_LOCK_TTL_S = 6 * 3600
+REMOTE_LEASE_S = 60  # a remote lock is a lease its holder renews every 15 s
 REUSE_MODES = ("exact", "never")
 
 
@@ -238,22 +242,42 @@ class StageStore:
                 finally:
                     fcntl.flock(f, fcntl.LOCK_UN)
             return
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        import threading
+
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
         deadline, waited = time.time() + wait_s, False
         while True:
             raw = self._read(LOCKS, f"{lineage}.json")
-            held = json.loads(raw) if raw else None
-            if held is None or time.time() - float(held.get("time", 0)) > REMOTE_LOCK_TTL_S \
+            try:
+                held = json.loads(raw) if raw else None
+            except ValueError:
+                held = None
+            if held is None or time.time() - float(held.get("time", 0)) > REMOTE_LEASE_S \
                     or (held.get("host"), held.get("pid")) == (me["host"], me["pid"]) or time.time() > deadline:
                 break
             if not waited and on_wait:
                 on_wait()
             waited = True
             time.sleep(5)
-        self._write(json.dumps(me).encode(), LOCKS, f"{lineage}.json")
+        stop = threading.Event()
+
+        def take() -> None:
+            with contextlib.suppress(OSError):
+                self._write(json.dumps({**me, "time": time.time()}).encode(), LOCKS, f"{lineage}.json")
+
+        def renew() -> None:  # the lease lives while this process does: a killed holder's expires
+            while not stop.wait(REMOTE_LEASE_S / 4):
+                take()
+
+        take()
+
+        renew_thread = threading.Thread(target=renew, daemon=True, name=f"stage-lease-{lineage}")
+        renew_thread.start()
         try:
             yield
         finally:
+            stop.set()
+            renew_thread.join(timeout=30)
             with contextlib.suppress(OSError):
                 self._filesystem().delete_file(self._fspath(LOCKS, f"{lineage}.json"))
 
