@@ -23,11 +23,13 @@ def uda_ray_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def uda_ray_store(tmp_path, monkeypatch):
-    """Each test has its own stage store (``UDA_RAY_STORE``): a stage one test trained is never
-    reused by another, and nothing is written into the checkout's ./runs."""
-    monkeypatch.setenv("UDA_RAY_STORE", str(tmp_path / "stage-store"))
-    return tmp_path / "stage-store"
+def uda_ray_store(tmp_path_factory, monkeypatch):
+    """Each test has its own stage store (``UDA_RAY_STORE``, outside the test's tmp_path, whose
+    contents some tests check): a stage one test trained is never reused by another, and
+    nothing is written into the checkout's ./runs."""
+    store = tmp_path_factory.mktemp("stage-store")
+    monkeypatch.setenv("UDA_RAY_STORE", str(store))
+    return store
 
 
 @pytest.fixture(scope="session")

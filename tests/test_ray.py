@@ -341,7 +341,7 @@ def test_ctrl_c_stops_a_study_and_a_rerun_equals_an_uninterrupted_one(cluster, d
     # the reference: the same study, uninterrupted, in another store and folder
     ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"
     assert run_study(study, address=cluster.address, storage_path=str(tmp_path / "ref-storage"),
-                     tracking_uri=ref_uri, out=str(tmp_path / "ref")) == 0
+                     tracking_uri=ref_uri, out=str(tmp_path / "ref"), store=str(tmp_path / "ref-stages")) == 0
     ref = _by_row_seed(ref_uri, "ctrlc")
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

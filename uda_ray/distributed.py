@@ -202,17 +202,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(num_cpus=num_cpus, log_to_driver=False)
 
 
-def node_id() -> str:
-    """The Ray node this process runs on ('' outside Ray): recorded on every trial's run, so a
-    study's placement across nodes can be read from MLflow."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() or ""
-    except Exception:  # noqa: BLE001 - not in a Ray process
-        return ""
-
-
 def unreachable(paths: dict[str, str]) -> list[tuple[str, str, str]]:
     """On a cluster of several nodes: ``(name, path, node address)`` for each local ``paths``
     entry that some alive node cannot see (a task pinned to each node looks for it). A

@@ -468,7 +468,7 @@ def drive_trial(config: dict, ctx: dict) -> None:
     # source tags (command, commit, user) are the study's.
     parent_tags = client.get_run(ctx["parent_id"]).data.tags
     tags = {"mlflow.parentRunId": ctx["parent_id"], "study": ctx["study"], "seed": str(seed), "search": search,
-            "config_hash": config_hash(flat), "uda_ray.tune_trial": tid, "uda_ray.node": distributed.node_id(),
+            "config_hash": config_hash(flat), "uda_ray.tune_trial": tid, "uda_ray.node": _node_id(),
             **t.get("tags", {}),
             **({"lineage": lineage} if lineage else {}),
             **{k: v for k, v in parent_tags.items() if k.startswith(("mlflow.source.", "mlflow.user"))}}
@@ -532,6 +532,17 @@ def drive_trial(config: dict, ctx: dict) -> None:
             distributed.report_error(tracking.error_text(e))
             return
         raise
+
+
+def _node_id() -> str:
+    """The Ray node this trial runs on ('' where Ray is not running here: never starts it),
+    recorded on every trial's run, so that a study's placement across nodes can be read from
+    MLflow."""
+    if "ray" not in sys.modules:
+        return ""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() or "" if ray.is_initialized() else ""
 
 
 def _fit_trial(ctx: dict, flat: dict, run_dir: str, dir_name: str, mlflow: dict) -> str | None:
