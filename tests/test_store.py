@@ -281,6 +281,12 @@ def test_a_later_study_reuses_the_stage_an_earlier_one_trained(ray_local, data_r
     assert ad_ls.data.params["run.init_from"] == stage_ck
     assert ad_ls.data.tags["parent_lineage"] == src_a.data.tags["lineage"]
     assert "reused" not in ad_ls.data.tags
+    # what the study's runs trained: nothing for the reused row, its own row's iterations
+    from uda_ray.plan import trained
+
+    done = trained("search", uri)
+    assert done["src"] == {"runs": 1, "iterations": 0, "reused": 1, "pruned": 0}
+    assert done["ad_ls"]["iterations"] == 2 and done["ad_ls"]["reused"] == 0
     # compare marks the reused row x seed
     seeds = compare_study("search", tracking_uri=uri, out_dir=tmp_path / "cmp", log_to_parent=False).seeds
     reused = dict(zip(seeds["row"], seeds["reused"]))

@@ -416,6 +416,13 @@ def _cmd_plan(args) -> int:
     from .plan import format_plan, plan_studies
     from .study import find_study, load_study
 
+    if args.trained:  # what finished studies trained, from MLflow
+        from .compare import study_name
+        from .plan import format_trained, trained
+
+        for s in args.studies:
+            print(format_trained(study_name(s), trained(study_name(s), args.tracking_uri)))
+        return 0
     studies = [load_study(find_study(s)) for s in args.studies]
     plan = plan_studies(studies, smoke=args.smoke_test, tracking_uri=args.tracking_uri, store_root=args.store,
                         storage_path=args.storage_path, reuse=args.reuse, variant=args.variant)
@@ -674,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--storage-path", default=None, help="as uda-ray study's (default: UDA_RAY_STORAGE or ./runs/ray)")
     pl.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
     pl.add_argument("--totals", action="store_true", help="only the totals, not every row x seed")
+    pl.add_argument("--trained", action="store_true",
+                    help="instead: what the finished studies' runs trained (iterations per row, runs reused from "
+                         "the stage store, search trials stopped early), read from MLflow")
     pl.set_defaults(func=_cmd_plan)
 
     so = sub.add_parser("store", help="the stage store: list stages, disk used, remove unreferenced ones")

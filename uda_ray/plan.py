@@ -240,3 +240,47 @@ def referenced_lineages(tracking_uri: str | None) -> set[str]:
             if r.data.tags.get("parent_lineage"):
                 keep.add(r.data.tags["parent_lineage"])
     return keep
+
+
+def trained(name: str, tracking_uri: str | None) -> dict:
+    """What a study's runs actually trained, read from MLflow (``uda-ray plan NAME --trained``):
+    per row (a search row's trials apart), the iterations trained (each run's last logged
+    training step, or the step its ``pruned`` tag names), and the runs reused from the stage
+    store or stopped early. Runs that trained nothing (reused ones) count 0."""
+    from . import tracking
+
+    client = tracking.mlflow_client(tracking.resolve_uri(tracking_uri))
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        from .errors import UserError
+
+        raise UserError(f"{name}: no such study in the MLflow store {tracking.resolve_uri(tracking_uri)}")
+    out: dict[str, dict] = {}
+    for r in client.search_runs([exp.experiment_id], filter_string="tags.`uda_ray.kind` != 'study'",
+                                max_results=50000):
+        t = r.data.tags
+        row = (t.get("row") or t.get("search_row") or "?") + (" (search trials)" if t.get("search") == "1" else "")
+        acc = out.setdefault(row, {"runs": 0, "iterations": 0, "reused": 0, "pruned": 0})
+        acc["runs"] += 1
+        if t.get("reused"):
+            acc["reused"] += 1
+            continue
+        if t.get("pruned"):
+            acc["pruned"] += 1
+            acc["iterations"] += int(t["pruned"])
+            continue
+        losses = [k for k in r.data.metrics if k.startswith("loss/")]
+        acc["iterations"] += max((m.step for k in losses[:1] for m in client.get_metric_history(r.info.run_id, k)),
+                                 default=0)
+    return out
+
+
+def format_trained(name: str, rows: dict) -> str:
+    lines = [f"study {name}: what its runs trained (MLflow)", f"{'row':<34} {'runs':>5} {'iterations':>10} "
+             f"{'reused':>6} {'pruned':>6}"]
+    for row, a in sorted(rows.items()):
+        lines.append(f"{row:<34} {a['runs']:>5} {a['iterations']:>10} {a['reused']:>6} {a['pruned']:>6}")
+    lines.append(f"{'total':<34} {sum(a['runs'] for a in rows.values()):>5} "
+                 f"{sum(a['iterations'] for a in rows.values()):>10} {sum(a['reused'] for a in rows.values()):>6} "
+                 f"{sum(a['pruned'] for a in rows.values()):>6}")
+    return "\n".join(lines)
