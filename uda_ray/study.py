@@ -701,19 +701,22 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     def source(row: Row, seed: int):
         return (row.init_from, seed) if row.init_from else None
 
+    def visible(memo: dict, key: str, compute: Callable[[], str]) -> str | None:
+        """``compute()`` once per key; None where a file it reads is not visible from here."""
+        if key not in memo:
+            try:
+                memo[key] = compute()
+            except FileNotFoundError:
+                memo[key] = None
+        return memo[key]
+
     def root_start(flat: dict) -> str | None:
         """A root row's start identity (its pretrained weights' hash), None where the weights
         file is not visible from this process (e.g. torchvision's cache only on the workers):
         such a row is then matched by its config hash alone."""
-        key = config_hash(flat)
-        if key not in starts:
-            from .models.from_config import start_of
+        from .models.from_config import start_of
 
-            try:
-                starts[key] = start_of(build_config(flat))
-            except FileNotFoundError:
-                starts[key] = None
-        return starts[key]
+        return visible(starts, config_hash(flat), lambda: start_of(build_config(flat)))
 
     contexts: dict[str, str | None] = {}  # a config's data and code fingerprints by config hash
     # A row x seed this invocation trained (or reused) counts as finished whatever lineage its
@@ -724,13 +727,8 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     def context(flat: dict) -> str | None:
         """A config's :func:`~uda_ray.fingerprint.stage_context`, None where its data is not
         visible from this process (its rows are then matched by config hash alone)."""
-        key = config_hash(flat) + flat.get("data.root", "")
-        if key not in contexts:
-            try:
-                contexts[key] = stage_context(build_config(flat))
-            except FileNotFoundError:
-                contexts[key] = None
-        return contexts[key]
+        return visible(contexts, config_hash(flat) + flat.get("data.root", ""),
+                       lambda: stage_context(build_config(flat)))
 
     def lineage_of_job(name: str, seed: int, values: dict, start: str | None) -> str | None:
         flat = {**flats[name][str(seed)], **values}
