@@ -36,7 +36,7 @@ tables' lengths. ``--variant shared_bn``: the earlier tables' regime as
 the control (random init, shared BatchNorm), recorded as ``<study>-shared_bn``.
 """
 
-from uda_ray.study import PAPER_PROTOCOL, SHARED_BN, Row, Study
+from uda_ray.study import Claim, PAPER_PROTOCOL, Row, SHARED_BN, Study
 
 
 def pww_space(trial):
@@ -50,8 +50,16 @@ def pww_space(trial):
 
 ADAPT = {"run.iterations": 900}
 
+# The search's pick against the paper's values, and against the unweighted loss at its scale.
+CLAIMS = [
+    Claim("the searched λ_adv, T, μ beat the paper's", better="pww_search", than="pww"),
+    Claim("the pick's maps beat the unweighted loss at their mean weight", better="pick_2digit",
+          than="uniform_matched", note="control"),
+]
+
 STUDY = Study(
     name="pww_search",
+    claims=CLAIMS,
     base={"preset": "study-cpu", **PAPER_PROTOCOL},
     rows=[
         Row("source_only", "source_only", set={"run.iterations": 1200}),

@@ -289,29 +289,48 @@ def test_an_edited_row_reruns_exactly_the_rows_downstream_of_it(cluster, data_ro
     assert counted == {first[k].info.run_id for k in first}
 
 
-def test_a_dependent_row_records_its_parents_checkpoint_uri_and_leaves_no_copy(cluster, data_root, tmp_path):
-    """Storage given as a URI (as s3://... on a cluster; file:// here): a dependent row's
+def test_until_decided_adds_seeds_to_undecided_claims_and_dependent_rows_record_checkpoint_uris(
+        cluster, data_root, tmp_path, capsys):
+    """--until-decided: the study's seeds first, then a round of new seeds (as many as it runs
+    at once) for the rows of the claims not decided and the rows they start from; never a
+    row x seed already finished again, never a row outside the claims.
+
+    Storage given as a URI (as s3://... on a cluster; file:// here): a dependent row's
     trial fetches its parent's checkpoint through it, records the URI (never the temporary
     local copy) and deletes the copy."""
     import glob
     import tempfile
 
-    from uda_ray.study import Row, Study, run_study
+    from uda_ray.study import Claim, Row, Study, run_study
 
     copies = set(glob.glob(os.path.join(tempfile.gettempdir(), "uda-ray-init-*")))
-    study = Study(name="uri", base=_study_base(data_root, tmp_path, **{"run.iterations": 2}), seeds=(0, 1),
-                  rows=[Row("a", "source_only"), Row("b", "adaptseg", init_from="a")])
+
+    study = Study(name="decide", base=_study_base(data_root, tmp_path, **{"run.iterations": 2}), seeds=(0, 1),
+                  rows=[Row("a", "source_only"), Row("b", "adaptseg", init_from="a"),
+                        Row("c", "source_only", set={"optim.lr": 0.02})],
+                  claims=[Claim("b beats a", better="b", than="a")], max_concurrent=2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    storage = f"file://{tmp_path / 'storage'}"
-    assert run_study(study, address=cluster.address, storage_path=storage, tracking_uri=uri,
-                     out=str(tmp_path / "out")) == 0
-    runs = _by_row_seed(uri, "uri")
-    for seed in ("0", "1"):
-        a, b = runs[("a", seed)], runs[("b", seed)]
+    assert run_study(study, address=cluster.address, storage_path=f"file://{tmp_path / 'storage'}",
+                     tracking_uri=uri, out=str(tmp_path / "out"), until_decided=True, max_seeds=3) == 0
+    out = capsys.readouterr().out
+    assert "until-decided, look 1 of at most 2 (stop rule at the 97.50% level): 0 of 1 claims" in out
+    assert "adding seed(s) 2 to rows a, b" in out
+    runs = _child_runs(uri, "decide")
+    seeds = {}
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        seeds.setdefault(r.data.tags["row"], []).append(r.data.tags["seed"])
+    assert {k: sorted(v) for k, v in seeds.items()} == {"a": ["0", "1", "2"], "b": ["0", "1", "2"], "c": ["0", "1"]}
+    assert "b beats a [b vs a]" in out.split("until-decided: the claims at the first look and now")[1]
+    by = _by_row_seed(uri, "decide")
+    for seed in ("0", "1", "2"):
+        a, b = by[("a", seed)], by[("b", seed)]
         assert a.data.tags["checkpoint"].startswith(f"file://{tmp_path / 'storage'}/")
         assert b.data.params["run.init_from"] == a.data.tags["checkpoint"]
         assert b.data.tags["parent_run_id"] == a.info.run_id
         assert b.data.tags["parent_lineage"] == a.data.tags["lineage"]
+        # what the lineage covers, readable on the run (and in a committed results file)
+        assert len(a.data.tags["code_fingerprint"]) == 16 and a.data.tags["data_fingerprint"].startswith("synth:")
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "uda-ray-init-*"))) == copies
 
 

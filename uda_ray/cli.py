@@ -409,7 +409,8 @@ def _cmd_study(args) -> int:
     resolve_uri(args.tracking_uri)  # an unsupported URI is refused before Ray or any trial starts
     return run_study(study, smoke_test=args.smoke_test, address=args.address, storage_path=args.storage_path,
                      tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent, out=args.out,
-                     variant=args.variant, reuse=args.reuse, store=args.store, plan=args.plan)
+                     variant=args.variant, reuse=args.reuse, store=args.store, plan=args.plan, seeds=args.seeds,
+                     add_seeds=args.add_seeds, until_decided=args.until_decided, max_seeds=args.max_seeds)
 
 
 def _cmd_plan(args) -> int:
@@ -471,9 +472,43 @@ def _cmd_compare(args) -> int:
 
     result = compare_study(args.study, tracking_uri=args.tracking_uri, out_dir=args.out,
                            log_to_parent=not args.no_log, per_class=args.per_class, fmt=args.format,
-                           baseline=args.baseline)
+                           baseline=args.baseline, claims=_study_claims(args.study), against=args.against,
+                           save_results=args.save_results)
     print(result.text)
     print(f"written to {result.files[0].parent}/: " + ", ".join(f.name for f in result.files))
+    return 1 if result.differences else 0
+
+
+def _study_claims(arg: str):
+    """The claims of the study script ``arg`` names (a path, or studies/NAME.py), None where there
+    is no such script here (compare then reads those the study recorded in MLflow). A variant
+    (``NAME-shared_bn``) has its study's claims."""
+    from .errors import UserError
+    from .study import find_study, load_study
+
+    for cand in (arg, arg.split("-")[0]):
+        try:
+            return list(load_study(find_study(cand)).claims)
+        except UserError:
+            continue
+    return None
+
+
+def _cmd_verdicts(args) -> int:
+    from .study import load_study
+    from .verdict import update_readme
+
+    changed, stale = update_readme(args.readme, args.studies, args.results, check=args.check,
+                                   claims_of=lambda p: load_study(p).claims)
+    if args.check:
+        if stale:
+            print(f"{args.readme}: the verdict tables of {', '.join(stale)} are not what `uda-ray verdicts` "
+                  f"generates from {args.results}/; run it", file=sys.stderr)
+            return 1
+        print(f"{args.readme}: every verdict table is as generated")
+        return 0
+    print(f"{args.readme}: " + (f"rewrote the verdict tables of {', '.join(changed)}" if changed else
+                                "every verdict table was already as generated"))
     return 0
 
 
@@ -710,7 +745,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the Δ columns against another row (e.g. each parent of a cross-method row); files "
                          "STUDY_vs_ROW_* (default: the study's baseline)")
     cp.add_argument("--no-log", action="store_true", help="do not log the table to the study's parent run")
+    cp.add_argument("--against", default=None, metavar="CSV",
+                    help="committed results (studies/results/STUDY_seeds.csv): list every row x seed that differs "
+                         "from them, to the last digit; exit 1 if any does")
+    cp.add_argument("--save-results", default=None, metavar="CSV",
+                    help="write the counted seed runs there (values, lineage, commit, data and code fingerprints), "
+                         "the file to commit and compare --against later")
     cp.set_defaults(func=_cmd_compare)
+
+    vd = sub.add_parser("verdicts", help="rewrite the verdict tables of studies/README.md from the studies' claims "
+                                         "and their committed results (studies/results/NAME_seeds.csv)")
+    vd.add_argument("--readme", default="studies/README.md", help="the file with <!-- verdicts:NAME --> blocks")
+    vd.add_argument("--studies", default="studies", help="the folder of the study scripts (default: %(default)s)")
+    vd.add_argument("--results", default="studies/results", help="the committed results (default: %(default)s)")
+    vd.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is not as generated")
+    vd.set_defaults(func=_cmd_verdicts)
 
     cf = sub.add_parser("config", help="list every config key: type, value, range and help")
     cf.add_argument("preset", nargs="?", default=None, metavar="PRESET",

@@ -33,6 +33,17 @@ def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "store is taken from it instead of trained; never: train it anyway")
     p.add_argument("--store", default=None,
                    help="the stage store (default: UDA_RAY_STORE, else STORAGE_PATH/stages)")
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="the seeds of every row instead of the study's, e.g. 0-5 or 0,1,2,7: finished row x seeds "
+                        "are skipped, so a finished study gets only the new seeds trained")
+    p.add_argument("--add-seeds", type=int, default=0, metavar="N",
+                   help="N more seeds after the study's (or --seeds'), e.g. --add-seeds 2 on seeds 0-2 adds 3 and 4")
+    p.add_argument("--until-decided", action="store_true",
+                   help="after the seeds ran, add seeds to the rows of the study's claims that are not decided "
+                        "(their 95%% interval contains 0), a round at a time, until every claim is decided or "
+                        "--max-seeds is reached; the stop rule's intervals are corrected for the repeated looks")
+    p.add_argument("--max-seeds", type=int, default=6, metavar="K",
+                   help="with --until-decided: at most K seeds per claim (default: %(default)s)")
     p.add_argument("--plan", action="store_true",
                    help="print what the study would do (train, reuse, skip) for every row x seed, and the totals; "
                         "runs nothing")

@@ -60,6 +60,8 @@ class CompareResult:
         selection: the honest-selection check (see ``compare_study``).
         seeds: one line per seed run of every row (``counted``: it is in the row's mean).
         importance_trials: ``{row: completed Optuna trials}`` behind each row's importances.
+        verdicts: the claims' :class:`uda_ray.verdict.Verdict`, in the study's order.
+        differences: with ``against``, the row x seeds that differ from the committed results.
     """
 
     table: "pandas.DataFrame"  # noqa: F821 (imported lazily)
@@ -69,6 +71,8 @@ class CompareResult:
     selection: dict = field(default_factory=dict)
     seeds: "pandas.DataFrame | None" = None  # noqa: F821
     importance_trials: dict[str, int] = field(default_factory=dict)
+    verdicts: list = field(default_factory=list)    # uda_ray.verdict.Verdict per claim
+    differences: int | None = None                  # row x seeds that differ from --against
 
 
 @dataclass
@@ -99,7 +103,8 @@ FORMATS = ("text", "markdown", "latex")
 
 def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir: str | Path | None = None,
                   log_to_parent: bool = True, per_class: bool = False, fmt: str = "text",
-                  baseline: str | None = None) -> CompareResult:
+                  baseline: str | None = None, claims: list | None = None, against: str | Path | None = None,
+                  save_results: str | Path | None = None) -> CompareResult:
     """Build the ablation table of ``study`` from MLflow and write it with its figures.
 
     Args:
@@ -114,6 +119,15 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
         baseline: another row as the Δ columns' baseline (e.g. each parent of a row that
             combines two methods' components); the files are then ``<study>_vs_<row>_*`` and
             nothing is logged to the parent run. None: the study's own baseline.
+        claims: the study's claims (:class:`uda_ray.verdict.Claim`) to judge from the seeds;
+            None: those the study recorded on its parent run (tag ``claims``). The verdict
+            table is printed below the table and written as ``STUDY_verdicts.{csv,md,tex}``.
+        against: a committed results file (``studies/results/STUDY_seeds.csv``): every row x
+            seed whose target-val mIoU differs from it (to the last digit), and those on one
+            side only, are listed (``CompareResult.differences`` counts them).
+        save_results: write the counted seed runs there as a results file
+            (:func:`uda_ray.verdict.write_results`: values, lineage, git commit, data and code
+            fingerprints).
 
     Returns:
         A ``CompareResult``. ``selection`` holds ``criterion``, ``mode``, ``picked`` (the row with
@@ -187,13 +201,47 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
                            importances=importances, importance_trials=trials, out_dir=out)
     if importances:
         files.append(_write_importances(importances, trials, out / f"{stem}_importances.csv"))
+    from . import verdict as vd
+
+    if claims is None:
+        try:
+            claims = vd.claims_from_json(tags.get("claims"))
+        except (ValueError, TypeError, KeyError) as e:
+            notes.append(f"the study run's claims tag is not readable ({e}): no verdicts")
+            claims = []
+    claims = [c for c in claims if c.better in spec.rows and c.than in spec.rows]
+    values = vd.values_of_seeds(seeds, spec.report_col)
+    verdicts = vd.judge_all(claims, values)
+    if verdicts and baseline is None:
+        vtable = vd.table(verdicts)
+        vfiles = [out / f"{stem}_verdicts.csv", out / f"{stem}_verdicts.md", out / f"{stem}_verdicts.tex"]
+        vtable.to_csv(vfiles[0], index=False)
+        vfiles[1].write_text(vd.render(verdicts, "markdown", f"Verdicts of study {name}") + f"\n\n{vd.RULE}.\n")
+        vfiles[2].write_text(vd.render(verdicts, "latex", f"Verdicts of study {name}") + "\n")
+        files += vfiles
+    if save_results is not None:
+        meta = {r.run_id: {"lineage": r.tags.get("lineage", ""),
+                           "code_commit": r.tags.get("mlflow.source.git.commit", ""),
+                           "code_fingerprint": r.tags.get("code_fingerprint", ""),
+                           "data_fingerprint": r.tags.get("data_fingerprint", "")} for r in runs}
+        files.append(vd.write_results(save_results, seeds, meta))
+    differences, against_lines = None, []
+    if against is not None:
+        committed = vd.values_of_results(vd.read_results(against))
+        against_lines, differences = vd.against(values, committed)
+        against_lines[0] = f"against {against}: {against_lines[0]}"
     if log_to_parent:
         _log_to_parent(client, parent.info.run_id, spec, table, files)
 
     text = _render(name, spec, rows, table, selection, importances, trials, notes, per_class=per_class, fmt=fmt,
                    per_class_file=per_class_tex.name)
+    if verdicts:
+        vfmt = {"text": "text", "markdown": "markdown", "latex": "latex"}[fmt]
+        text += "\n\n" + vd.render(verdicts, vfmt, f"claims of study {name}: seed-paired Δ of {spec.report} (points)")
+    if against_lines:
+        text += "\n\n" + "\n".join(against_lines)
     return CompareResult(table=table, text=text, files=files, importances=importances, selection=selection,
-                         seeds=seeds, importance_trials=trials)
+                         seeds=seeds, importance_trials=trials, verdicts=verdicts, differences=differences)
 
 
 def _log_to_parent(client, parent_id: str, spec: "_Spec", table, files: list[Path]) -> None:

@@ -46,6 +46,7 @@ from .config import build_config
 from .errors import UserError
 from .fingerprint import stage_context
 from .store import StageStore, check_reuse, default_root
+from .verdict import Claim, check_claims, claims_json  # noqa: F401  (studies declare claims as uda_ray.study.Claim)
 
 # The papers' protocol at CPU scale: the encoder pretrained on the embedded ImageNet stand-in
 # (uda_ray.pretrain) and BatchNorm frozen at its pretraining statistics, DeepLab-v2's
@@ -151,6 +152,10 @@ class Study:
     # (over the row's own), run and recorded as the study ``<name>-<variant>``, e.g. the
     # ``shared_bn`` control of a table study run under the papers' protocol.
     variants: dict = field(default_factory=dict)
+    # The paper's claims about pairs of rows (uda_ray.verdict.Claim): `uda-ray compare` judges
+    # each from the seeds (holds / reverses / not decided, with a 95% interval), and
+    # `--until-decided` adds seeds to the rows of the undecided ones.
+    claims: list = field(default_factory=list)
 
     def __post_init__(self):
         names = [r.name for r in self.rows]
@@ -166,6 +171,7 @@ class Study:
             build_config({**self.base, **r.set}, method=r.method)  # fail early, naming the key
         if self.baseline and self.baseline not in names:
             raise StudyError(f"study {self.name}: baseline {self.baseline!r} is not a row; the rows are {names}")
+        check_claims(self.name, self.claims, names)
         self.stages()  # refuses a circular init_from (whose trials would wait for each other forever)
         if isinstance(self.asha, dict) and (bad := sorted(set(self.asha) - set(ASHA_KEYS))):
             raise StudyError(f"study {self.name}: asha has unknown keys {bad}; its keys are {list(ASHA_KEYS)} "
@@ -329,7 +335,7 @@ class StudyRecord:
         tracking.set_run_list_view(self.client, self.experiment_id)
         tags = {**tracking.source_tags(), "rows": ",".join(r.name for r in study.rows), "baseline": study.baseline or "",
                 "objective": study.objective, "objective_mode": study.mode, "report_metric": "val/mIoU",
-                "seeds": ",".join(map(str, study.seeds))}
+                "seeds": ",".join(map(str, study.seeds)), "claims": claims_json(study.claims)}
         for r in study.rows:
             if r.space is not None:
                 tags[f"search_space.{r.name}"] = ""  # filled once the keys are known
@@ -459,7 +465,9 @@ def drive_trial(config: dict, ctx: dict) -> None:
     flat = cfg.flat()
     # the lineage this trial's fit will have (its config over what it starts from, its data and
     # code; the engine computes and records the same from the checkpoint or weights it loads)
-    lineage = lineage_hash(config_hash(flat), t["start"], stage_context(cfg)) if t.get("start") else ""
+    context = stage_context(cfg)  # "data:<fingerprint>|code:<fingerprint>"
+    lineage = lineage_hash(config_hash(flat), t["start"], context) if t.get("start") else ""
+    prints = dict(part.split(":", 1) for part in context.split("|") if ":" in part)
     search = "1" if "search" in config or (sampled and "trial" not in config) else "0"
     tid = distributed.trial_id()
     record = StudyRecord.attach(ctx)
@@ -471,6 +479,8 @@ def drive_trial(config: dict, ctx: dict) -> None:
             "config_hash": config_hash(flat), "uda_ray.tune_trial": tid, "uda_ray.node": _node_id(),
             **t.get("tags", {}),
             **({"lineage": lineage} if lineage else {}),
+            # what the lineage covers, readable: the data and training-code fingerprints
+            **{f"{k}_fingerprint": v for k, v in prints.items() if k in ("data", "code")},
             **{k: v for k, v in parent_tags.items() if k.startswith(("mlflow.source.", "mlflow.user"))}}
     if search == "1":
         tags.update({"uda_ray.kind": "search_trial", "search_row": row, "trial": tid})
@@ -617,7 +627,8 @@ def run_study(study: Study, *, smoke_test: bool = False, address: str | None = N
               storage_path: str | None = None, tracking_uri: str | None = None,
               max_concurrent: int | None = None, out: str = "runs", env: dict | None = None,
               tune_callbacks: list | None = None, variant: str | None = None, reuse: str = "exact",
-              store: str | None = None, plan: bool = False) -> int:
+              store: str | None = None, plan: bool = False, seeds: str | tuple | None = None, add_seeds: int = 0,
+              until_decided: bool = False, max_seeds: int = 6) -> int:
     """Run ``study`` (see the module's docstring). Returns 0; 1 when a trial failed; 2 when
     another process is running the study of the same name (it holds ``<out>/<name>/.study.lock``);
     128 + the signal's number (130, 143) when SIGINT or SIGTERM stopped it.
@@ -625,8 +636,22 @@ def run_study(study: Study, *, smoke_test: bool = False, address: str | None = N
     Tune callbacks of every Tune run (e.g. timing, :mod:`uda_ray.bench_study`); ``variant``:
     run :meth:`Study.variant` of that name instead; ``reuse``: ``exact`` takes a row x seed
     whose lineage the stage store holds (:mod:`uda_ray.store`, at ``store`` or beside the
-    storage path) instead of training it, ``never`` trains it anyway."""
+    storage path) instead of training it, ``never`` trains it anyway. ``seeds`` (``"0-5"``, ``"0,1,2,7"`` or a tuple)
+    and ``add_seeds`` (more after those) replace the study's seeds: the finished row x seeds
+    are skipped, so only the new ones train. ``until_decided``: then add seeds to the rows of
+    the undecided claims, up to ``max_seeds`` per claim (:func:`_until_decided`)."""
+    from dataclasses import replace
+
     check_reuse(reuse)
+    if seeds is not None or add_seeds:
+        study = replace(study, seeds=parse_seeds(seeds, add_seeds, study.seeds))
+    if until_decided:
+        if smoke_test:
+            raise UserError("--until-decided: not with --smoke-test (one seed decides nothing)")
+        if not study.claims:
+            raise UserError(f"--until-decided: study {study.name} declares no claims (Study(claims=[Claim(...)]))")
+        if max_seeds < max(2, len(study.seeds)):
+            raise UserError(f"--max-seeds {max_seeds}: expected at least the study's {len(study.seeds)} seeds (and 2)")
     if plan:  # what it would do, without Ray or training (uda_ray.plan)
         from .plan import format_plan, plan_studies
 
@@ -642,19 +667,120 @@ def run_study(study: Study, *, smoke_test: bool = False, address: str | None = N
         print(f"uda-ray: error: study {name} is already running ({e.holder} holds {lock}); "
               f"wait for it to end, or stop it, and run it again", file=sys.stderr)
         return 2
+    kw = dict(smoke_test=smoke_test, address=address, storage_path=storage_path, tracking_uri=tracking_uri,
+              max_concurrent=max_concurrent, out=out, env=env, tune_callbacks=tune_callbacks, reuse=reuse,
+              store_root=store)
     with held:
-        return _run_locked(study, name, smoke_test=smoke_test, address=address, storage_path=storage_path,
-                           tracking_uri=tracking_uri, max_concurrent=max_concurrent, out=out, env=env,
-                           tune_callbacks=tune_callbacks, reuse=reuse, store_root=store)
+        if until_decided:
+            return _until_decided(study, name, max_seeds, kw)
+        return _run_locked(study, name, **kw)
+
+
+def parse_seeds(text: str | tuple | list | None, add: int = 0, base: tuple = (0, 1, 2)) -> tuple[int, ...]:
+    """``"0-5"`` -> (0, ..., 5), ``"0,1,2,7"``, ``"0-2,5"``; None: ``base``; then ``add`` more
+    seeds after the largest. Order kept (the first seed is the one a search row searches on)."""
+    if text is None:
+        out = list(base)
+    elif isinstance(text, (tuple, list)):
+        out = [int(s) for s in text]
+    else:
+        out = []
+        for part in str(text).split(","):
+            part = part.strip()
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part.split("-", 1)
+                    lo, hi = int(lo), int(hi)
+                    if hi < lo:
+                        raise ValueError
+                    out += range(lo, hi + 1)
+                else:
+                    out.append(int(part))
+            except ValueError:
+                raise UserError(f"--seeds {text}: expected seeds as 0-5 or 0,1,2,7 (non-negative integers, "
+                                f"ranges low-high)") from None
+    if any(s < 0 for s in out):
+        raise UserError(f"--seeds {text}: seeds are non-negative integers")
+    if add < 0:
+        raise UserError(f"--add-seeds {add}: expected a non-negative number")
+    out = list(dict.fromkeys(out))
+    if not out:
+        raise UserError(f"--seeds {text}: no seeds")
+    top = max(out)
+    return tuple(out + list(range(top + 1, top + 1 + add)))
+
+
+def _ancestors(study: Study, names) -> set[str]:
+    """``names`` and every row they start from, recursively (a new seed needs its parents')."""
+    out, todo = set(), list(names)
+    while todo:
+        r = todo.pop()
+        if r not in out:
+            out.add(r)
+            if (src := study.row(r).init_from):
+                todo.append(src)
+    return out
+
+
+def _until_decided(study: Study, name: str, max_seeds: int, kw: dict) -> int:
+    """``--until-decided``: run the study's seeds, then, a round at a time, add seeds to the rows of
+    the claims that are not decided (and to the rows they start from) until each is decided or
+    has ``max_seeds`` paired seeds. A round adds as many seeds as the study runs trials at once
+    (``max_concurrent``), so that the new seeds' chains fill the slots.
+
+    Peeking after every round and stopping once an interval excludes 0 is optional stopping:
+    at the plain 95% level it would call a null effect decided more often than 5% of the
+    time. The stop rule therefore judges at 95% Bonferroni-corrected over the looks it can take
+    (1 - 0.05 / looks); a claim it calls decided is decided at 95% too (what ``compare``
+    prints), and one that is decided at 95% but not at the corrected level gets more seeds."""
+    import math
+
+    from .verdict import UNDECIDED, judge, render, values_of_seeds
+
+    conc = max(1, kw.get("max_concurrent") or study.max_concurrent)
+    looks = 1 + math.ceil(max(0, max_seeds - len(study.seeds)) / conc)
+    level = 1 - 0.05 / looks
+    row_seeds = {r.name: list(study.seeds) for r in study.rows}
+    first, rc, box = None, 0, []
+    for look in range(1, looks + 1):
+        box = []
+        code = _run_locked(study, name, row_seeds=row_seeds, result_box=box, **kw)
+        if code not in (0, 1) or not box:
+            return code
+        rc = max(rc, code)
+        values = values_of_seeds(box[0].seeds, "mIoU")
+        verdicts = [judge(c, values, level) for c in study.claims]
+        first = first if first is not None else box[0].verdicts
+        open_ = [v for v in verdicts if v.verdict == UNDECIDED and v.n < max_seeds]
+        print(f"until-decided, look {look} of at most {looks} (stop rule at the {100 * level:.2f}% level): "
+              f"{len(verdicts) - len(open_)} of {len(verdicts)} claims decided or at {max_seeds} seeds"
+              + (f"; not decided: {', '.join(v.claim.name for v in open_)}" if open_ else ""))
+        if not open_ or look == looks:
+            break
+        need = _ancestors(study, {r for v in open_ for r in (v.claim.better, v.claim.than)})
+        top = max(s for seeds in row_seeds.values() for s in seeds)
+        add = list(range(top + 1, top + 1 + min(conc, max_seeds - min(v.n for v in open_))))
+        print(f"  adding seed(s) {', '.join(map(str, add))} to rows {', '.join(sorted(need))}")
+        for r in need:
+            row_seeds[r] += add
+    print("until-decided: the claims at the first look and now (95% intervals, as compare prints them):")
+    print(render(first or [], "text", "first look"))
+    print(render(box[0].verdicts if box else [], "text", "now"))
+    return rc
 
 
 def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | None, storage_path: str | None,
                 tracking_uri: str | None, max_concurrent: int | None, out: str, env: dict | None = None,
-                tune_callbacks: list | None = None, reuse: str = "exact", store_root: str | None = None) -> int:
+                tune_callbacks: list | None = None, reuse: str = "exact", store_root: str | None = None,
+                row_seeds: dict | None = None, result_box: list | None = None) -> int:
+    """One invocation's trials. ``row_seeds``: the seeds of each row where they differ from the
+    study's (``--until-decided``); ``result_box`` gets the compare result."""
     from . import distributed
     from .engine import ensure_data
 
     seeds = study.seeds[:1] if smoke_test else study.seeds
+    row_seeds = row_seeds or {}
+    all_seeds = list(dict.fromkeys([*seeds, *(s for v in row_seeds.values() for s in v)]))
     storage_path = storage_path or os.environ.get("UDA_RAY_STORAGE") or str(Path(out, "ray").resolve())
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())
@@ -693,7 +819,7 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
                if study.in_process else {})
     conc = max_concurrent or study.max_concurrent
     failed: list[str] = []
-    ctx["flats"] = flats = {row.name: {str(seed): study.flat(row, seed, smoke_test) for seed in seeds}
+    ctx["flats"] = flats = {row.name: {str(seed): study.flat(row, seed, smoke_test) for seed in all_seeds}
                             for row in study.rows}
     best_values: dict[str, dict] = {}  # a search row's best sampled values, once known
     starts: dict[str, str | None] = {}  # a root row's start identity by config hash
@@ -784,8 +910,8 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
         return "run", init_from
 
     jobs = [{"row": row.name, "seed": seed, "after": source(row, seed), "set": {}, "tags": {}}
-            for row in study.rows if row.space is None for seed in seeds]
-    searches = [_search_plan(study, row, seeds, smoke_test, record, ctx, source, best_values)
+            for row in study.rows if row.space is None for seed in row_seeds.get(row.name, seeds)]
+    searches = [_search_plan(study, row, row_seeds.get(row.name, seeds), smoke_test, record, ctx, source, best_values)
                 for row in study.rows if row.space is not None]
     from ._tune_schedule import RowScheduler, search_only_asha
 
@@ -817,7 +943,9 @@ def _run_locked(study: Study, name: str, *, smoke_test: bool, address: str | Non
     record.finish()
     from .compare import compare_study
 
-    result = compare_study(name, tracking_uri=record.tracking_uri, out_dir=Path(out) / name)
+    result = compare_study(name, tracking_uri=record.tracking_uri, out_dir=Path(out) / name, claims=study.claims)
+    if result_box is not None:
+        result_box.append(result)
     print(result.text)
     for line in tallies:
         print(line)
