@@ -271,6 +271,43 @@ def test_figures_are_png_pdf_svg_with_seeds_and_n(result, store):
     assert result.importance_trials == {"adaptseg_search": 6}
 
 
+def test_figures_print_at_column_width_with_8pt_text_and_a_colour_per_seed(result, store):
+    """For a paper (issue 29, item 9): each page is the width it is printed at (3.4 in, the
+    heatmap at most 7 in; text too long is wrapped, never widens it), nothing is cut at its edges,
+    text is at least 8 pt (a heatmap cell's number 7 pt), and a seed has one colour in every row
+    of the bars and of the paired Δ, with a legend."""
+    import re
+
+    from PIL import Image
+
+    from uda_ray import figures
+
+    out = store["root"] / "out"
+    for f in FIGURES:
+        pdf = (out / f"{STUDY}_{f}.pdf").read_bytes()
+        width = float(re.search(rb"/MediaBox \[\s*0 0 ([\d.]+) ", pdf).group(1)) / 72
+        assert width <= figures.PAGE_IN + 0.01 if f == "per_class" else width == pytest.approx(3.4, abs=0.01), f
+        svg = (out / f"{STUDY}_{f}.svg").read_text()
+        texts = re.findall(r'<text style="font-size: ([\d.]+)px[^>]*>([^<]*)<', svg)
+        small = [(pt, s) for pt, s in texts if float(pt) < 8]
+        assert texts and all(float(pt) >= 7 and s.isdigit() and f == "per_class" for pt, s in small), (f, small)
+        with Image.open(out / f"{STUDY}_{f}.png") as im:  # the outermost pixels are all background
+            g = im.convert("L")
+            w, h = g.size
+            border = [g.getpixel((x, y)) for x in range(w) for y in (0, h - 1)]
+            border += [g.getpixel((x, y)) for y in range(h) for x in (0, w - 1)]
+            assert min(border) > 250, f
+    # seed points: seed 0 is a point of 4 rows in the bars (source_only, adaptseg, adaptseg_search,
+    # advent), seed 1 of 3, seed 2 of 2; in the paired Δ 3, 2 and 1 rows; each once more in the legend
+    styles = figures.seed_styles(result.seeds["seed"])
+    assert len({c for c, _ in styles.values()}) == len(styles) == 4  # seeds 0-3 (3: adaptseg's FAILED run)
+    for f, counts in (("bars", (4, 3, 2)), ("paired_delta", (3, 2, 1))):
+        svg = (out / f"{STUDY}_{f}.svg").read_text()
+        for seed, n in zip(sorted(styles, key=str)[:3], counts):
+            assert len(re.findall(rf"<use [^>]*fill: {styles[seed][0]}", svg)) == n + 1, (f, seed, n)
+        assert "seed 0" in svg
+
+
 def test_formats_and_per_class_columns(result, store):
     head = result.text.splitlines()[1]
     assert "road" not in head and "per-class IoU: --per-class" in result.text  # off by default
@@ -521,3 +558,42 @@ def test_written_tex_fits_a_two_column_article(wide, tmp_path):
         else:  # at natural size only the 20-character row name may stick out, by a few points
             over = [float(x) for x in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", log)]
             assert all(o < 6 for o in over), over
+
+
+def test_compare_judges_the_claims_and_checks_a_rerun_against_committed_results(store, tmp_path):
+    """Claims judged from the counted seeds (adaptseg's FAILED seed 3 is not one), written as
+    STUDY_verdicts.*; --save-results writes the file to commit, --against lists what differs."""
+    import csv
+
+    from uda_ray.verdict import Claim
+
+    claims = [Claim("AdaptSegNet beats source only", better="adaptseg", than="source_only", paper=4.8),
+              Claim("ADVENT beats source only", better="advent", than="source_only"),
+              Claim("a row the store does not have", better="adaptseg", than="not_a_row_here")]
+    saved = tmp_path / "results" / "quickstart_seeds.csv"
+    res = compare_study(STUDY, tracking_uri=store["uri"], out_dir=tmp_path / "out", log_to_parent=False,
+                        claims=claims, save_results=saved)
+    v = {x.claim.name: x for x in res.verdicts}
+    assert list(v) == ["AdaptSegNet beats source only", "ADVENT beats source only"]  # unknown rows left out
+    ada = v["AdaptSegNet beats source only"]   # 33/35/37 - 30/32/34: +3 on every seed, std ~0
+    assert ada.n == 3 and ada.wins == 3 and ada.mean == pytest.approx(3.0) and ada.verdict == "holds"
+    adv = v["ADVENT beats source only"]        # one seed (the latest run of seed 0): 31 - 30
+    assert adv.n == 1 and adv.mean == pytest.approx(1.0) and adv.label == "not decided at 1 seeds"
+    assert "claims of study quickstart" in res.text and "AdaptSegNet beats source only [adaptseg vs source_only]" in res.text
+    assert {f.name for f in res.files} >= {"quickstart_verdicts.csv", "quickstart_verdicts.md", "quickstart_verdicts.tex"}
+    rows = list(csv.DictReader(saved.open()))
+    assert [(r["row"], r["seed"]) for r in rows][:4] == [("adaptseg", "0"), ("adaptseg", "1"), ("adaptseg", "2"),
+                                                       ("adaptseg_search", "0")]
+    assert float(rows[0]["val_mIoU"]) == 33.0 and "99" not in {r["val_mIoU"][:2] for r in rows}
+
+    same = compare_study(STUDY, tracking_uri=store["uri"], out_dir=tmp_path / "out", log_to_parent=False,
+                         claims=[], against=saved)
+    assert same.differences == 0 and "equal to every digit, " not in same.text
+    assert f"against {saved}: all {len(rows)} row x seed(s) equal to every digit" in same.text
+    text = saved.read_text().replace(rows[0]["val_mIoU"], "33.000000000000014", 1)
+    saved.write_text(text)
+    diff = compare_study(STUDY, tracking_uri=store["uri"], out_dir=tmp_path / "out", log_to_parent=False,
+                         claims=[], against=saved)
+    assert diff.differences == 1 and "  adaptseg s0: 33.0000 here, committed 33.0000 (Δ -1.42e-14)" in diff.text
+    # no claims given and none recorded on the study run: no verdict table
+    assert compare_study(STUDY, tracking_uri=store["uri"], out_dir=tmp_path / "o2", log_to_parent=False).verdicts == []

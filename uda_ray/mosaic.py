@@ -1,7 +1,9 @@
 """The prediction mosaic: image | label | prediction [| a method's extra maps], one row per
 image, written as a PNG (engine evaluation and the proxy-label module), with a title above
 each column and a legend of the class colours below, so that the PNG reads on its own (in
-MLflow's image view, in a paper's supplement)."""
+MLflow's image view, in a paper's supplement). The MLflow tracker heads it with the run's name,
+the step and the mIoU of that evaluation (:func:`add_title`, called by
+:meth:`uda_ray.tracking.MlflowTracker.log_image`: the engine itself does not know the run's name)."""
 
 from __future__ import annotations
 
@@ -45,6 +47,27 @@ def mosaic_png(triplets, path: Path, *, norm: str, num_classes: int, titles: tup
     out = _annotate(grid, names, col_w, pal, class_names(num_classes))
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
+    return path
+
+
+def add_title(path: Path, title: str) -> Path:
+    """Head the PNG at ``path`` with a strip that says ``title`` (cut with "..." to the image's
+    width), in place; returns ``path``."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    size = int(np.clip(image.width / 40, 10, 16))
+    font = _font(size)
+    line = size + 2 * _PAD
+    canvas = Image.new("RGB", (image.width, line + image.height), "white")
+    canvas.paste(image, (0, line))
+    draw = ImageDraw.Draw(canvas)
+    text = title
+    while len(text) > 1 and draw.textlength(text, font=font) > image.width - 2 * _PAD:
+        text = text[:-4] + "..."
+    draw.text((_PAD, _PAD), text, fill="black", font=font)
+    canvas.save(path)
     return path
 
 

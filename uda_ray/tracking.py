@@ -22,8 +22,13 @@ What a person sees in the MLflow UI (checked against MLflow 3.17's UI in headles
   (:func:`artifact_root`), never in ``./mlruns`` of the current folder, which every new store
   would share (each numbers its first experiment 1);
 * a study's experiment holds a shared view of its run list (:func:`set_run_list_view`): the
-  columns row, seed, method, ``val/mIoU`` and ``sel/mIoU``, grouped by row, opened directly by
-  :func:`runs_url` (MLflow 3.17 otherwise opens an experiment on its GenAI overview page).
+  rows' seed runs only, grouped by row, the columns row, ``val/mIoU``, ``sel/mIoU``, seed and
+  method first (the metrics stay on a 1280 px screen beside MLflow's Assistant panel), opened
+  directly by :func:`runs_url` (MLflow 3.17 otherwise opens an experiment on its GenAI overview
+  page); and a second view of the search trials and the study's parent run
+  (``runs_url(..., view=SEARCH_VIEW_KEY)``);
+* a prediction mosaic logged as an image is headed with its run, step and mIoU
+  (:meth:`MlflowTracker.image_title`).
 """
 
 from __future__ import annotations
@@ -178,26 +183,57 @@ def git_commit() -> str:
         return ""
 
 
-def run_list_view(*, group_by: str | None = "row") -> dict:
-    """The UI state of a study's run list (MLflow 3.17's shared-view format): row, seed, method,
-    ``val/mIoU`` and ``sel/mIoU`` as the first columns, run names wide enough to read, runs in
-    start order and, with ``group_by``, grouped by that tag with the mean of each group (only
-    the seed runs of a row carry the ``row`` tag: search trials and the study's parent run
-    stay out of the row groups, so a group's mean is the compare table's)."""
+# The widths (px) that keep row, val/mIoU and sel/mIoU on screen beside the pinned columns
+# (selection 73 px, run name, created) in the 698 px that MLflow 3.17 leaves the run table of a
+# 1280 px wide window with its Assistant panel open (tests/test_mlflow_ui.py measures it), with
+# 20 px to spare for a vertical scrollbar: a group's name (in the run name column, e.g. "Group:
+# source_only") readable up to about 16 characters, created (the run's status icon and how long
+# ago) narrowed from 150 px, so that its time may end in "...".
+_WIDTHS = {"attributes.`Run Name`": 240, "runDateAndNestInfo": 90, "tags.`row`": 95,
+           f"metrics.`{PRIMARY_METRIC}`": 90, "metrics.`sel/mIoU`": 90}
+SEARCH_VIEW_KEY = "uda-ray-search"  # the view of the runs outside the row groups (search trials, parent)
+ROW_RUNS = "tags.`uda_ray.kind` = 'row'"  # the runs of the row groups: a row's seed runs
+# Start order by MLflow's alias of attributes.start_time ("Created", the UI's name of it): ordered
+# by start_time itself, MLflow 3.17's UI adds the parent run of every listed child run whatever
+# the search filter says (the study's run, which would be a group of its own again).
+START_ORDER = "attributes.`Created`"
+
+
+def run_list_view(*, group_by: str | None = "row", search: bool = False) -> dict:
+    """The UI state of a study's run list (MLflow 3.17's shared-view format), runs in start order.
+
+    The study's view (:data:`VIEW_KEY`): only a row's seed runs (search filter :data:`ROW_RUNS`),
+    with ``group_by``, grouped by that tag with the mean of each group, so that a group's mean
+    is the compare table's and the Charts tab's grouped curves are the rows' alone (the runs
+    without a ``row`` tag, search trials and the study's parent run, would otherwise form one
+    more group, "Additional runs" in the table and "Unassigned" in the charts, averaged over
+    unrelated trials). The first columns: row, ``val/mIoU``, ``sel/mIoU``, seed, method, at
+    widths that keep the metrics on a 1280 px screen beside MLflow's Assistant panel.
+
+    ``search``: the view of the other runs (:data:`SEARCH_VIEW_KEY`): the search trials, each
+    on its own (a mean over trials means nothing), and the parent run; first columns search row,
+    ``val/mIoU``, ``sel/mIoU``, trial and pruned.
+    """
     tag, metric, attr = (lambda k: f"tags.`{k}`"), (lambda k: f"metrics.`{k}`"), (lambda k: f"attributes.`{k}`")
-    cols = [tag("row"), tag("seed"), tag("method"), metric(PRIMARY_METRIC), metric("sel/mIoU"), tag("search_row"),
-            attr("User"), attr("Source"), attr("Version")]
-    view = {"selectedColumns": cols, "columnOrder": [attr("Run Name"), *cols, "runDateAndNestInfo", "duration"],
-            "columnWidths": {attr("Run Name"): 320}, "orderByKey": "attributes.start_time", "orderByAsc": True}
-    if group_by:
+    first = [tag("search_row"), metric(PRIMARY_METRIC), metric("sel/mIoU"), tag("trial"), tag("pruned")] if search \
+        else [tag("row"), metric(PRIMARY_METRIC), metric("sel/mIoU"), tag("seed"), tag("method")]
+    cols = [*first, *([tag("seed"), tag("method")] if search else []), attr("User"), attr("Source"), attr("Version")]
+    widths = {k.replace("tags.`row`", "tags.`search_row`") if search else k: v for k, v in _WIDTHS.items()}
+    view = {"selectedColumns": cols, "columnOrder": [attr("Run Name"), "runDateAndNestInfo", *cols, "duration"],
+            "columnWidths": widths, "orderByKey": START_ORDER, "orderByAsc": True,
+            "searchFilter": ROW_RUNS.replace(" = ", " != ") if search else ROW_RUNS}
+    if group_by and not search:
         view["groupBy"] = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": group_by}]}
     return view
 
 
 def set_run_list_view(client, exp_id: str) -> None:
-    """Store :func:`run_list_view` in the experiment (the view that :func:`runs_url` opens) and
-    name ``val/mIoU`` its primary metric (higher is better)."""
+    """Store :func:`run_list_view` in the experiment (the view that :func:`runs_url` opens), and
+    the view of its search trials (``runs_url(..., view=SEARCH_VIEW_KEY)``), and name
+    ``val/mIoU`` its primary metric (higher is better)."""
     client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(run_list_view()))
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{SEARCH_VIEW_KEY}",
+                              json.dumps(run_list_view(search=True)))
     client.set_experiment_tag(exp_id, "mlflow.experiment.primaryMetric.name", PRIMARY_METRIC)
     client.set_experiment_tag(exp_id, "mlflow.experiment.primaryMetric.greaterIsBetter", "true")
 
@@ -207,11 +243,13 @@ def ui_base(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
 
 
-def runs_url(uri: str, exp_id: str, *, view: bool = True) -> str:
+def runs_url(uri: str, exp_id: str, *, view: bool | str = True) -> str:
     """The URL of an experiment's run list (MLflow 3.17 opens ``#/experiments/<id>`` on its GenAI
-    overview, without runs), with the study's shared view when ``view``."""
+    overview, without runs), with the study's shared view when ``view`` (True: the row groups,
+    :data:`VIEW_KEY`; or a view's key, e.g. :data:`SEARCH_VIEW_KEY`)."""
     url = f"{ui_base(uri)}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
-    return url + (f"&viewStateShareKey={VIEW_KEY}" if view else "")
+    key = VIEW_KEY if view is True else view
+    return url + (f"&viewStateShareKey={key}" if key else "")
 
 
 def ui_command(uri: str) -> str:
@@ -392,12 +430,27 @@ class MlflowTracker:
 
     def log_image(self, path: Path, key: str, step: int) -> None:
         """An image as MLflow's image series ``key`` at ``step`` (the UI compares the images of
-        several runs side by side and steps through them), and as a plain artifact."""
+        several runs side by side and steps through them), and as a plain artifact. A mosaic
+        (``mosaic/<split>``) is first headed, in its file too, with :meth:`image_title`."""
         from PIL import Image
 
+        if key.startswith("mosaic/"):
+            from .mosaic import add_title
+
+            add_title(path, self.image_title(key, step))
         with Image.open(path) as im:
             self.client.log_image(self.run_id, im.convert("RGB"), key=key, step=step, synchronous=True)
         self.log_artifact(path)
+
+    def image_title(self, key: str, step: int) -> str:
+        """What a mosaic names: the run, the step and, for ``mosaic/<split>``, the ``<split>/mIoU``
+        this run logged at that step, as MLflow holds it (the engine logs an evaluation's
+        metrics before its mosaic), e.g. ``adabn-s0, step 2000, val/mIoU 0.3125``."""
+        run = self.client.get_run(self.run_id)
+        title = f"{run.info.run_name or self.run_id[:8]}, step {step}"
+        metric = f"{key.split('/', 1)[1]}/mIoU"
+        at_step = [m.value for m in self.client.get_metric_history(self.run_id, metric) if m.step == step]
+        return title + (f", {metric} {at_step[-1]:.4g}" if at_step else "")
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
