@@ -54,10 +54,11 @@ def test_the_verdict_table_renders_every_column():
     text = render([judge(c, _vals([11.0, 11.2, 11.1], [10, 10, 10]))], "text")
     head, line = text.splitlines()[:2]
     assert head.split()[:3] == ["claim", "paper", "Δ"]
-    assert "Mul-Adv beats Adv (control) [b vs a]" in line and "+1.2" in line and "+1.10 ± 0.10" in line
+    assert "Mul-Adv beats Adv [b vs a]" in line and "+1.2" in line and "+1.10 ± 0.10" in line  # no note in a terminal
     assert "[+0.85, +1.35]" in line and "3/3" in line and "holds" in line and "0.25" in line
     md = render([judge(c, _vals([11.0, 11.2, 11.1], [10, 10, 10]))], "markdown")
     assert md.splitlines()[0].startswith("| claim | paper Δ |") and md.count("\n") == 2
+    assert "| Mul-Adv beats Adv (control) [b vs a] |" in md
     tex = render([judge(c, _vals([11.0, 11.2, 11.1], [10, 10, 10]))], "latex")
     assert r"\toprule" in tex and r"$\pm$" in tex and "[b vs a]" in tex
 

@@ -176,9 +176,9 @@ def _num(v: float, fmt: str = "+.2f") -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def cells(v: Verdict) -> list[str]:
+def cells(v: Verdict, note: bool = True) -> list[str]:
     c = v.claim
-    name = c.name + (f" ({c.note})" if c.note else "") + f" [{c.better} vs {c.than}]"
+    name = c.name + (f" ({c.note})" if c.note and note else "") + f" [{c.better} vs {c.than}]"
     pm = _num(v.mean) + (f" ± {v.std:.2f}" if math.isfinite(v.std) else "")
     interval = f"[{v.lo:+.2f}, {v.hi:+.2f}]" if math.isfinite(v.lo) else ""
     return [name, _num(c.paper, "+.1f") if c.paper is not None else "-", pm, interval, f"{v.wins}/{v.n}", v.label,
@@ -200,7 +200,7 @@ def table(verdicts):
 
 def render(verdicts, fmt: str = "markdown", title: str = "") -> str:
     """``markdown``, ``text`` (fixed width) or ``latex`` (booktabs) verdict table, with the rule."""
-    lines = [cells(v) for v in verdicts]
+    lines = [cells(v, note=fmt != "text") for v in verdicts]  # the terminal's table leaves the notes out
     if fmt == "latex":
         esc = lambda s: (s.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%")  # noqa: E731
                          .replace("_", r"\_").replace("#", r"\#").replace("±", r"$\pm$").replace("Δ", r"$\Delta$"))
