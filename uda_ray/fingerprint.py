@@ -39,7 +39,7 @@ from pathlib import Path
 NOT_TRAINING = frozenset({
     "cli.py", "compare.py", "figures.py", "mosaic.py", "study.py", "_tune_schedule.py", "_tune_search.py",
     "tracking.py", "bench.py", "bench_device.py", "bench_study.py", "store.py", "plan.py", "errors.py",
-    "memory.py", "cache.py", "fingerprint.py", "__main__.py", "progress.py", "cli_spec.py",
+    "memory.py", "cache.py", "fingerprint.py", "__main__.py", "progress.py", "cli_spec.py", "verdict.py",
 })
 
 # The fields of the embedded benchmark's synth.json that define its images.
