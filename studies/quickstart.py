@@ -25,13 +25,8 @@ source training; over ``adaptseg_lambda0`` it is the adversarial term's own. Wit
 frozen, target images passing through the network change nothing, so the control is source
 training continued. The search asks what another weight does at this length.
 
-One run (measured on 2 shared cores; target-val mIoU %, seed-paired): source_only 15.3 ±
-0.9; adaptseg +1.32 ± 0.56 over it (3/3, not decided), of which the lambda = 0 control trained
-as long gets +1.2: AdaptSegNet's own gain over it is +0.08 ± 0.01 (3/3, holds, tiny: at the
-paper's weight the adversarial gradient is 0.2-0.3% of the segmentation gradient,
-``grad/adv_over_seg``). The search's four trials (lambda_adv 5.5e-4, 6.3e-3, 8.0e-3, 1.3e-2:
-sel/mIoU 17.27, 17.62, 17.71, 17.91, rising with the weight; gradient 0.2% to 3.8%) pick
-1.3e-2, which beats the paper's weight by +0.61 ± 0.06 (3/3, holds) at this length.
+Its numbers: ``uda-ray compare quickstart`` prints the table and the verdicts of the run in
+the current MLflow store (no run of it is committed; the note of issue 28 quotes one).
 
 Scale: the ``study-cpu`` preset (the table studies' scale: tiny DeepLab-style segmenter,
 160x88 -> 160x80, batch 4, discriminators at ndf 16) with stages a third (source) and

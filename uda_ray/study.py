@@ -1037,10 +1037,11 @@ def closing_message(record: StudyRecord, files: list, *, tracking_uri: str | Non
         lines.append(f"    then open  {record.runs_url()}")
     else:
         lines.append(f"  MLflow runs (rows, seeds, val/mIoU; grouped by row):  {record.runs_url()}")
-    if any(k.startswith("search_space.") for k in record.client.get_run(record.parent_id).data.tags):
+    tags = record.client.get_run(record.parent_id).data.tags
+    if any(k.startswith("search_space.") for k in tags):
         lines.append("    search trials and the study's run:  "
                      + tracking.runs_url(record.tracking_uri, record.experiment_id, view=tracking.SEARCH_VIEW_KEY))
-    storage = record.client.get_run(record.parent_id).data.tags.get("optuna_storage")
+    storage = tags.get("optuna_storage")
     if storage:
         lines.append(f"  Optuna searches:  optuna-dashboard {storage}   (pip install optuna-dashboard)")
     return "\n".join(lines)
