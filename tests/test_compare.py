@@ -464,6 +464,27 @@ def test_another_row_as_baseline_gives_its_paired_deltas_in_own_files(store):
         compare_study(STUDY, tracking_uri=store["uri"], out_dir=store["root"] / "vs", baseline="adaptsg")
 
 
+def test_runs_in_per_cent_and_older_runs_in_fractions_make_one_table(store):
+    """Issue 29.5: runs logged in per cent (tagged uda_ray.units=percent) and runs of an older
+    uda-ray in fractions read as the same per-cent values, paired against each other."""
+    client = store["client"]
+    exp = client.create_experiment("units", artifact_location=(store["root"] / "artifacts_u").as_uri())
+    parent = client.create_run(exp, tags={"uda_ray.kind": "study", "study": "units", "baseline": "source_only",
+                                          "rows": "source_only,adaptseg", "report_metric": "val/mIoU"}).info.run_id
+    for s, v in enumerate((0.30, 0.32)):  # an older store's runs: fractions, no units tag
+        _run(client, exp, parent, "source_only", s, _m(v, v, 0.8, 0.1), tags={"study": "units"})
+    for s, v in enumerate((33.0, 36.0)):  # today's: per cent
+        _run(client, exp, parent, "adaptseg", s, _m(v, v, 85.0, 20.0) | {"val/pixel_acc": 90.0},
+             tags={"study": "units", "uda_ray.units": "percent"})
+    res = compare_study("units", tracking_uri=store["uri"], out_dir=store["root"] / "out_units", log_to_parent=False)
+    so, ad = _row(res, "source_only"), _row(res, "adaptseg")
+    assert so["mIoU"] == pytest.approx(31.0) and ad["mIoU"] == pytest.approx(34.5)
+    assert ad["delta_paired"] == pytest.approx(3.5) and (ad["wins"], ad["n_paired"]) == (2, 2)
+    assert ad["IoU/road"] == pytest.approx(85.0) and so["IoU/road"] == pytest.approx(80.0)
+    seeds = res.seeds.set_index(["row", "seed"])
+    assert seeds.loc[("source_only", "1"), "mIoU"] == 100 * 0.32 and seeds.loc[("adaptseg", "1"), "mIoU"] == 36.0
+
+
 # Issue 29.3: a paper's table. A study "wide" as wide as this repository's studies get: the longest
 # row name of studies/ (20 characters), 19 classes plus mIoU13, search rows of three keys whose
 # values are Optuna's full-precision floats.

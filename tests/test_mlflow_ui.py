@@ -29,8 +29,6 @@ VAL = {("a", 0): 0.25, ("a", 1): 0.375, ("b", 0): 0.5, ("b", 1): 0.625}
 
 @pytest.fixture(scope="module")
 def study_store(tmp_path_factory, data_root):
-    from mlflow.entities import Metric
-
     from uda_ray import distributed, tracking
     from uda_ray.compare import compare_study
     from uda_ray.study import Row, Study, StudyRecord, closing_message, drive_trial
@@ -48,10 +46,12 @@ def study_store(tmp_path_factory, data_root):
         search = "-t9-" in Path(kw["run_dir"]).name
         val = 0.9 if search else VAL[(row, flat["run.seed"])]
         record.client.set_tag(kw["mlflow"]["run_id"], "method", flat["method"])  # as fit's run_tags
+        # through the tracker that fit logs with (scores in per cent), into the driver's run
+        tracker = tracking.MlflowTracker(experiment="uitest", tracking_uri=uri, run_id=kw["mlflow"]["run_id"])
         # a loss curve: the search trial's blows up (the issue's "Unassigned" band, were it grouped)
-        loss = [Metric("loss/adv", (17.3 if search else 0.5) * s, 0, s) for s in (0, 1)]
-        record.client.log_batch(kw["mlflow"]["run_id"], metrics=loss + [
-            Metric("val/mIoU", val, 0, 1), Metric("sel/mIoU", val, 0, 1), Metric("val/IoU/road", val, 0, 1)])
+        for s in (0, 1):
+            tracker.log_metrics({"loss/adv": (17.3 if search else 0.5) * s}, step=s)
+        tracker.log_metrics({"val/mIoU": val, "sel/mIoU": val, "val/IoU/road": val}, step=1)
         return SimpleNamespace(error=None, checkpoint=None)
 
     mp = pytest.MonkeyPatch()
@@ -103,8 +103,8 @@ def test_run_list_in_a_browser_shows_rows_seeds_and_val_miou_grouped_by_row(ui, 
     # the run list itself (not the GenAI overview), the columns, the row groups
     for word in ("val/mIoU", "sel/mIoU", "row", "seed", "method", "Group: a", "Group: b", "a-s0", "b-s1"):
         assert word in text, (word, text[:3000])
-    # each group's mean is the compare table's (in fractions)
-    assert "0.3125 (average)" in text and "0.5625 (average)" in text, text[:3000]
+    # each group's mean is the compare table's, in per cent as there (issue 29.5)
+    assert "31.25 (average)" in text and "56.25 (average)" in text, text[:3000]
     t = study_store["result"].table
     assert list(t["mIoU"]) == [31.25, 56.25]
     # only the rows' seed runs: the search trial and the study's parent run form no group of their
@@ -132,7 +132,7 @@ def test_search_trials_and_the_parent_run_have_a_view_of_their_own(ui):
     ui.browser.open(ui.url(view=tracking.SEARCH_VIEW_KEY), fresh=False,
                     ready="document.body.innerText.includes('a-s0-t9') && !document.body.innerText.includes('b-s1')")
     text = ui.browser.text()
-    assert "a-s0-t9" in text and "0.9" in text and "uitest" in text, text[:3000]  # the trial, the parent
+    assert "a-s0-t9" in text and " 90 " in text and "uitest" in text, text[:3000]  # trial (90 %), parent
     assert "Group:" not in text and "b-s1" not in text and "2 matching runs" in text, text[:3000]
 
 
@@ -158,7 +158,7 @@ def test_mosaic_names_its_run_step_and_miou(study_store, tmp_path):
 
     run_id = study_store["runs"]["a-s0"]
     tracker = tracking.MlflowTracker(experiment="uitest", tracking_uri=study_store["uri"], run_id=run_id)
-    assert tracker.image_title("mosaic/val", 1) == "a-s0, step 1, val/mIoU 0.25"
+    assert tracker.image_title("mosaic/val", 1) == "a-s0, step 1, val/mIoU 25.00"
     assert tracker.image_title("mosaic/round1", 1) == "a-s0, step 1"  # a proxy mosaic: no such metric
     path = tmp_path / "mosaic.png"
     Image.new("RGB", (480, 200), "white").save(path)

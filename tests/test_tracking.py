@@ -79,6 +79,33 @@ def test_a_store_keeps_its_artifacts_beside_it_and_runs_carry_mlflow_source_tags
         assert len(t["mlflow.source.git.commit"]) == 40  # this checkout's commit: the UI's Version
 
 
+def test_scores_are_logged_in_per_cent_and_an_older_fraction_run_keeps_its_unit(store):
+    """Issue 29, item 5: one unit (per cent) wherever a user reads a score. A new run is tagged
+    percent and gets its scores times 100; losses and other metrics are left as they are. A run
+    of an older uda-ray (no units tag), continued, stays in fractions; read back, both give the
+    same per-cent values, the same floats as 100 * the fraction."""
+    client = _client(store)
+    metrics = {"val/mIoU": 0.3, "sel/mIoU": 0.1, "val/IoU/road": 0.7, "val/Acc/sky": 0.5, "val/mIoU13": 0.2,
+               "val/pixel_acc": 0.9, "loss/seg": 0.3, "perf/sec_per_iter": 0.1}
+    new = tracking.MlflowTracker(experiment="units", tracking_uri=store["uri"], run_name="new")
+    new.log_metrics(metrics, step=1)
+    old_id = client.create_run(client.get_experiment_by_name("units").experiment_id).info.run_id
+    old = tracking.MlflowTracker(experiment="units", tracking_uri=store["uri"], run_id=old_id)
+    old.log_metrics(metrics, step=1)
+    runs = {r.info.run_id: r for r in _runs(client, "units")}
+    got_new, got_old = runs[new.run_id].data, runs[old_id].data
+    assert got_new.tags[tracking.UNITS_TAG] == "percent" and tracking.UNITS_TAG not in got_old.tags
+    assert got_new.metrics["val/mIoU"] == 100 * 0.3 and got_new.metrics["val/IoU/road"] == 100 * 0.7
+    assert got_new.metrics["val/mIoU13"] == 100 * 0.2 and got_new.metrics["val/pixel_acc"] == 100 * 0.9
+    assert got_new.metrics["loss/seg"] == 0.3 and got_new.metrics["perf/sec_per_iter"] == 0.1
+    assert got_old.metrics == metrics
+    assert tracking.scores_in_percent(got_old.metrics, got_old.tags) == got_new.metrics
+    assert not tracking.is_score("row/adabn/mIoU") and not tracking.is_score("proxy/acc")
+    # the mosaic's title reads the score in per cent from either kind of run
+    assert new.image_title("mosaic/val", 1).endswith("val/mIoU 30.00")
+    assert old.image_title("mosaic/val", 1).endswith("val/mIoU 30.00")
+
+
 def test_run_list_url_and_ui_command():
     url = tracking.runs_url("sqlite:///x/mlflow.db", "7")
     assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"

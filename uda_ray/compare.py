@@ -29,6 +29,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import tracking
 from .errors import UserError, did_you_mean
 
 DEFAULT_OBJECTIVE = "sel/mIoU"
@@ -143,8 +144,6 @@ def compare_study(study: str | Path, *, tracking_uri: str | None = None, out_dir
     Raises:
         UnknownStudy: no experiment or no study run named ``study`` in the store (a ValueError).
     """
-    from . import tracking
-
     if fmt not in FORMATS:
         raise UserError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     name = study_name(study)
@@ -342,7 +341,8 @@ def _children(client, exp_id: str, parent_id: str) -> list[_Run]:
         out.append(_Run(run_id=r.info.run_id, status=r.info.status, start_time=r.info.start_time or 0,
                         row=t.get("row") or t.get("search_row", ""), seed=t.get("seed", ""),
                         trial=t.get("trial", ""), search=search, method=t.get("method", ""),
-                        metrics=dict(r.data.metrics), params=dict(r.data.params), tags=dict(t)))
+                        metrics=tracking.scores_in_percent(r.data.metrics, t), params=dict(r.data.params),
+                        tags=dict(t)))
     return out
 
 
@@ -413,13 +413,13 @@ class _Row:
     def values(self, key: str) -> list[float]:
         return [r.metrics[key] for r in self.finished if key in r.metrics and math.isfinite(r.metrics[key])]
 
-    def mean(self, key: str, scale: float = 1.0) -> float:
+    def mean(self, key: str) -> float:
         v = self.values(key)
-        return scale * statistics.fmean(v) if v else math.nan
+        return statistics.fmean(v) if v else math.nan
 
-    def std(self, key: str, scale: float = 1.0) -> float:
+    def std(self, key: str) -> float:
         v = self.values(key)            # sample std (ddof=1), undefined for one seed
-        return scale * statistics.stdev(v) if len(v) >= 2 else math.nan
+        return statistics.stdev(v) if len(v) >= 2 else math.nan
 
 
 def _better(a: float, b: float, mode: str) -> bool:
@@ -466,8 +466,9 @@ def _best_hparams(name: str, spec: _Spec, seeds: list[_Run], trials: list[_Run],
         for t in done[1:]:
             if _better(t.metrics[spec.objective], best.metrics[spec.objective], spec.mode):
                 best = t
+        fmt = ".2f" if tracking.is_score(spec.objective) else ".4g"
         notes.append(f"{name}: not re-run over seeds yet; best hyperparameters from search trial "
-                     f"{best.trial or best.run_id[:8]} ({spec.objective} {best.metrics[spec.objective]:.4g})")
+                     f"{best.trial or best.run_id[:8]} ({spec.objective} {best.metrics[spec.objective]:{fmt}})")
         src = [best]
     hp = {}
     for k in keys:
@@ -512,29 +513,29 @@ def _table(spec: _Spec, rows: list[_Row]):
     m13 = f"{spec.split}/mIoU13"
     has13 = any(m13 in r.metrics for row in rows for r in row.finished)
     base = next((r for r in rows if r.name == spec.baseline), None)
-    base_mean = base.mean(spec.report, 100) if base else math.nan
+    base_mean = base.mean(spec.report) if base else math.nan
     base_seed = _base_seeds(spec, rows)
     hp_keys = _hp_keys(spec)
     col = spec.report_col
     records = []
     for row in rows:
-        mean = row.mean(spec.report, 100)
+        mean = row.mean(spec.report)
         # seed-paired differences to the baseline: the same seed's data order and init on
         # both sides, so they see through the seed-to-seed spread that Δ of means carries
-        diffs = [100 * (r.metrics[spec.report] - base_seed[r.seed]) for r in row.finished
+        diffs = [r.metrics[spec.report] - base_seed[r.seed] for r in row.finished
                  if r.seed in base_seed and math.isfinite(r.metrics.get(spec.report, math.nan))]
         rec = {"row": row.name, "method": row.method, "n": len(row.finished), col: mean,
-               f"{col}_std": row.std(spec.report, 100),
+               f"{col}_std": row.std(spec.report),
                "delta": mean - base_mean if spec.baseline else math.nan,
                "delta_paired": statistics.fmean(diffs) if diffs and spec.baseline else math.nan,
                "delta_paired_std": statistics.stdev(diffs) if len(diffs) >= 2 and spec.baseline else math.nan,
                "n_paired": len(diffs) if spec.baseline else 0,
                "wins": sum(d > 0 for d in diffs) if spec.baseline else 0,
-               "sel_mIoU": row.mean(SEL_METRIC, 100), "n_failed": len(row.failed)}
+               "sel_mIoU": row.mean(SEL_METRIC), "n_failed": len(row.failed)}
         if has13:
-            rec["mIoU13"] = row.mean(m13, 100)
+            rec["mIoU13"] = row.mean(m13)
         for c in classes:
-            rec[f"IoU/{c}"] = row.mean(spec.iou_prefix + c, 100)
+            rec[f"IoU/{c}"] = row.mean(spec.iou_prefix + c)
         for k in hp_keys:
             rec[f"hp/{k}"] = row.hparams.get(k)
         records.append(rec)
@@ -565,7 +566,7 @@ def _seed_table(spec: _Spec, rows: list[_Row], runs: list[_Run]):
     for row in rows:
         counted = {r.run_id for r in row.finished}
         for r in sorted(row.runs, key=lambda r: (_seed_key(r.seed), r.start_time)):
-            pct = lambda k: 100 * r.metrics[k] if math.isfinite(r.metrics.get(k, math.nan)) else math.nan  # noqa: E731
+            pct = lambda k: r.metrics[k] if math.isfinite(r.metrics.get(k, math.nan)) else math.nan  # noqa: E731
             rec = {"row": row.name, "method": r.method, "seed": r.seed, "status": r.status,
                    "counted": r.run_id in counted, "run_id": r.run_id,
                    # a stage taken from the store: the study and run that trained it
@@ -573,7 +574,7 @@ def _seed_table(spec: _Spec, rows: list[_Row], runs: list[_Run]):
                               if r.tags.get("reused_from_run") else ""),
                    col: pct(spec.report),
                    "sel_mIoU": pct(SEL_METRIC)}
-            rec["delta_paired"] = (rec[col] - 100 * base_seed[r.seed]
+            rec["delta_paired"] = (rec[col] - base_seed[r.seed]
                                    if spec.baseline and r.seed in base_seed and rec["counted"] else math.nan)
             if has13:
                 rec["mIoU13"] = pct(m13)
@@ -589,7 +590,7 @@ def _seed_table(spec: _Spec, rows: list[_Row], runs: list[_Run]):
 
 
 def _pick(rows: list[_Row], key: str, mode: str, report: str) -> dict | None:
-    cand = [(r, r.mean(key), r.mean(report, 100)) for r in rows if r.finished]
+    cand = [(r, r.mean(key), r.mean(report)) for r in rows if r.finished]
     cand = [c for c in cand if math.isfinite(c[1]) and math.isfinite(c[2])]
     if not cand:
         return None

@@ -93,6 +93,15 @@ def _die_once_at(run_dir: str | Path) -> Callable[[dict], None]:
     return die
 
 
+def _reported(metrics: dict) -> dict:
+    """What a checkpoint reports to Tune: its metrics with the scores in per cent, the unit of
+    MLflow and of every table (:mod:`uda_ray.tracking`); Tune's trial tables print them, and the
+    search and its scheduler compare them."""
+    from .tracking import is_score, to_percent
+
+    return {k: to_percent(v) if is_score(k) else v for k, v in metrics.items() if v is not None}
+
+
 def train_worker(config: dict) -> None:
     """Per-worker function of the ``TorchTrainer``. ``config``: ``flat`` (the flat config),
     ``run_dir``, and optionally ``mlflow`` (tracking URI, experiment, run id to log into)."""
@@ -113,7 +122,7 @@ def train_worker(config: dict) -> None:
 
     def on_checkpoint(path: Path, metrics: dict) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(path.parent)) if rank == 0 else None
-        ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ckpt)
+        ray.train.report(_reported(metrics), checkpoint=ckpt)
         if rank == 0:
             die(metrics)  # a hard worker death
 
@@ -147,8 +156,7 @@ def fit_in_trial(flat: dict, *, run_dir: str, storage_path: str, threads: int = 
     last: list[str] = []
 
     def on_checkpoint(path: Path, metrics: dict) -> None:
-        ray.tune.report({k: v for k, v in metrics.items() if v is not None},
-                        checkpoint=ray.tune.Checkpoint.from_directory(str(path.parent)))
+        ray.tune.report(_reported(metrics), checkpoint=ray.tune.Checkpoint.from_directory(str(path.parent)))
         # where Tune persisted it: the trial's current checkpoint folder once reported
         storage = ray.tune.get_context().get_storage()
         last[:] = [_join(storage_path, str(Path(storage.checkpoint_fs_path).relative_to(storage.storage_fs_path)))]

@@ -663,12 +663,12 @@ def _loop(cfg, method, ctx, pairs, data, start, stop, iters, horizon, run_dir, t
 def _final_reports(cfg, method, scores, triplets, run_dir, tracker, step: int) -> None:
     if method.ctx.rank != 0:
         return
-    table = run_dir / "iou_per_class.csv"
+    table = run_dir / "iou_per_class.csv"  # in per cent, as MLflow and the tables
     with open(table, "w") as f:
-        f.write("class,IoU,Acc\n")
+        f.write("class,IoU %,Acc %\n")
         for name, iou, acc in zip(scores.class_names, scores.iou, scores.acc):
-            f.write(f"{name},{iou:.6f},{acc:.6f}\n")
-        f.write(f"mIoU,{scores.miou:.6f},{scores.macc:.6f}\n")
+            f.write(f"{name},{100 * iou:.4f},{100 * acc:.4f}\n")
+        f.write(f"mIoU,{100 * scores.miou:.4f},{100 * scores.macc:.4f}\n")
     tracker.log_artifact(table)
     tracker.log_artifact(run_dir / "config.yaml")
     if triplets:  # an image series: MLflow shows the mosaics of several runs side by side

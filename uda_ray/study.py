@@ -331,7 +331,8 @@ class StudyRecord:
         else:
             self.parent_id = self.client.create_run(
                 self.experiment_id, run_name=name,
-                tags={"uda_ray.kind": "study", "study": name, **tracking.owner_tags()}).info.run_id
+                tags={"uda_ray.kind": "study", "study": name, tracking.UNITS_TAG: tracking.PERCENT,
+                      **tracking.owner_tags()}).info.run_id
         tracking.set_run_list_view(self.client, self.experiment_id)
         tags = {**tracking.source_tags(), "rows": ",".join(r.name for r in study.rows), "baseline": study.baseline or "",
                 "objective": study.objective, "objective_mode": study.mode, "report_metric": "val/mIoU",
@@ -426,6 +427,7 @@ class StudyRecord:
         FINISHED at once; returns its id."""
         parent_tags = self.client.get_run(self.parent_id).data.tags
         run_tags = {"mlflow.parentRunId": self.parent_id, "study": self.name, "seed": str(seed), "search": "0",
+                    tracking.UNITS_TAG: tracking.PERCENT,
                     "config_hash": config_hash(flat), "uda_ray.kind": "row", "row": row, **(tags or {}),
                     **{k: v for k, v in parent_tags.items() if k.startswith(("mlflow.source.", "mlflow.user"))},
                     **tracking.owner_tags()}
@@ -496,7 +498,8 @@ def drive_trial(config: dict, ctx: dict) -> None:
             client.set_tag(run_id, k, v)
     else:
         run_id = client.create_run(ctx["experiment_id"], run_name=run_name,
-                                   tags={**tags, **tracking.owner_tags()}).info.run_id
+                                   tags={**tags, tracking.UNITS_TAG: tracking.PERCENT,
+                                         **tracking.owner_tags()}).info.run_id
     # The run directory and Ray's run name carry the lineage: a row whose config or parent
     # changed between two runs of the study (an edited study script, an edited upstream row)
     # trains anew in its own directory instead of meeting the old run's checkpoint (which
@@ -512,7 +515,8 @@ def drive_trial(config: dict, ctx: dict) -> None:
             if stage is not None:  # trained meanwhile (another study, a row of the same lineage)
                 adopt_stage(client, run_id, stage, flat, used_by=f"{ctx['study']}/{row}/s{seed}", store=store)
                 checkpoint = stage["checkpoint"]
-                distributed.report_metrics({k: v[-1][1] for k, v in stage.get("metrics", {}).items() if v})
+                distributed.report_metrics(tracking.scores_in_percent(
+                    {k: v[-1][1] for k, v in stage.get("metrics", {}).items() if v}, stage.get("tags", {})))
             else:
                 checkpoint = _fit_trial(ctx, flat, run_dir, dir_name, mlflow)
                 if checkpoint is not None and store is not None:
@@ -603,18 +607,22 @@ def store_stage(client, run_id: str, checkpoint: str, flat: dict, store, *, stud
 def adopt_stage(client, run_id: str, stage: dict, flat: dict, *, used_by: str, store) -> None:
     """Make the MLflow run ``run_id`` a reused copy of a stored stage: this row's params, the
     stage's metrics (every step), its tags (lineage, parent) and ``reused`` with the run and
-    study it came from; its ``checkpoint`` is the store's, which dependent rows start from."""
+    study it came from; its ``checkpoint`` is the store's, which dependent rows start from.
+    Scores are copied in per cent (:data:`uda_ray.tracking.UNITS_TAG`): a stage stored by an
+    older uda-ray, in fractions, is converted as it is copied."""
     from mlflow.entities import Metric, Param, RunTag
 
     existing = client.get_run(run_id).data.params
     params = [Param(k, str(v)) for k, v in flat.items() if k not in existing]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
-    metrics = [Metric(k, float(v), int(ts), int(step)) for k, hist in stage.get("metrics", {}).items()
-               for step, v, ts in hist]
+    stage_tags = stage.get("tags", {})
+    convert = stage_tags.get(tracking.UNITS_TAG) != tracking.PERCENT
+    metrics = [Metric(k, tracking.to_percent(float(v)) if convert and tracking.is_score(k) else float(v),
+                      int(ts), int(step)) for k, hist in stage.get("metrics", {}).items() for step, v, ts in hist]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
-    tags = {**stage.get("tags", {}), "lineage": stage["lineage"], "reused": "1",
+    tags = {**stage_tags, tracking.UNITS_TAG: tracking.PERCENT, "lineage": stage["lineage"], "reused": "1",
             "reused_from_run": stage.get("run_id", ""), "reused_from_study": stage.get("study", ""),
             "reused_from_row": f"{stage.get('row', '')} s{stage.get('seed', '')}", "checkpoint": stage["checkpoint"]}
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -28,7 +28,13 @@ What a person sees in the MLflow UI (checked against MLflow 3.17's UI in headles
   page); and a second view of the search trials and the study's parent run
   (``runs_url(..., view=SEARCH_VIEW_KEY)``);
 * a prediction mosaic logged as an image is headed with its run, step and mIoU
-  (:meth:`MlflowTracker.image_title`).
+  (:meth:`MlflowTracker.image_title`);
+* scores are in per cent, as the papers print them and as ``compare``'s tables, the figures
+  and the parent run's ``row/*`` metrics are: the engine computes fractions, and
+  :meth:`MlflowTracker.log_metrics` logs every score (:func:`is_score`: mIoU, mIoU13, mAcc,
+  pixel_acc, per-class IoU and Acc) times 100 into a run tagged ``uda_ray.units=percent``
+  (:data:`UNITS_TAG`). A run logged before that tag existed holds fractions;
+  :func:`scores_in_percent` reads either kind in per cent, so old stores compare unchanged.
 """
 
 from __future__ import annotations
@@ -47,6 +53,33 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 RUN_RECORD = "mlflow_run.json"  # in a run directory: the MLflow run that `uda-ray train` logs into
 HOST_TAG, PID_TAG, PID_START_TAG = "uda_ray.host", "uda_ray.pid", "uda_ray.pid_start"
 _READY: set[str] = set()  # tracking URIs whose store this process has already opened
+
+# The unit of a run's scores (see the module docstring). Every run uda-ray creates carries it;
+# a run without it was logged in fractions by an older uda-ray.
+UNITS_TAG, PERCENT = "uda_ray.units", "percent"
+_SCORE_NAMES = frozenset({"mIoU", "mIoU13", "mAcc", "pixel_acc"})
+
+
+def is_score(key: str) -> bool:
+    """Whether a metric is an evaluation score (a fraction as the engine computes it, per cent
+    in MLflow): ``<split>/mIoU``, ``mIoU13``, ``mAcc``, ``pixel_acc`` and the per-class
+    ``<split>/IoU/<class>`` and ``<split>/Acc/<class>``; not losses, timings or the parent
+    run's ``row/*`` summaries (already per cent)."""
+    parts = key.split("/")
+    return (len(parts) == 2 and parts[1] in _SCORE_NAMES) or (len(parts) == 3 and parts[1] in ("IoU", "Acc"))
+
+
+def to_percent(value: float) -> float:
+    """A fraction in per cent: the one conversion every place uses, so that a score logged in
+    per cent and one read from an old run's fraction are the same float."""
+    return 100.0 * value
+
+
+def scores_in_percent(metrics: dict, tags: dict) -> dict:
+    """A run's metrics with its scores in per cent, whichever unit the run was logged in."""
+    if tags.get(UNITS_TAG) == PERCENT:
+        return dict(metrics)
+    return {k: to_percent(v) if is_score(k) else v for k, v in metrics.items()}
 
 
 @contextlib.contextmanager
@@ -344,7 +377,10 @@ class MlflowTracker:
     """One MLflow run. ``tracking_uri`` None keeps MLflow's own default (``sqlite:///mlflow.db``
     in the working directory); point it at a server with ``http://host:5000``. A new run is
     owned by this process (:func:`owner_tags`); ``run_id`` logs into an existing run (a Ray
-    Train worker into its trial driver's run), ``reopen`` also continues it (:func:`reopen`)."""
+    Train worker into its trial driver's run), ``reopen`` also continues it (:func:`reopen`).
+    A new run is tagged ``uda_ray.units=percent`` and gets its scores in per cent; an existing
+    run keeps the unit it was started with (a run of an older uda-ray, resumed, stays in
+    fractions rather than mixing units in one history)."""
 
     def __init__(self, *, experiment: str = "uda-ray", run_name: str | None = None,
                  tracking_uri: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
@@ -363,9 +399,13 @@ class MlflowTracker:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             if run_name:
                 all_tags["mlflow.runName"] = run_name
+            all_tags.setdefault(UNITS_TAG, PERCENT)
             run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
-        elif reopen_run:
-            reopen(self.client, run_id)
+            self.percent = all_tags[UNITS_TAG] == PERCENT
+        else:
+            if reopen_run:
+                reopen(self.client, run_id)
+            self.percent = self.client.get_run(run_id).data.tags.get(UNITS_TAG) == PERCENT
         self.run_id = run_id
 
     @classmethod
@@ -420,7 +460,9 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        ms = [Metric(_metric_key(k), float(v), ts, step) for k, v in metrics.items()
+        scale = (lambda k, v: to_percent(float(v)) if is_score(k) else float(v)) if self.percent \
+            else (lambda k, v: float(v))
+        ms = [Metric(_metric_key(k), scale(k, v), ts, step) for k, v in metrics.items()
               if isinstance(v, (int, float)) and math.isfinite(v)]
         for i in range(0, len(ms), 500):
             self.client.log_batch(self.run_id, metrics=ms[i:i + 500])
@@ -445,12 +487,15 @@ class MlflowTracker:
     def image_title(self, key: str, step: int) -> str:
         """What a mosaic names: the run, the step and, for ``mosaic/<split>``, the ``<split>/mIoU``
         this run logged at that step, as MLflow holds it (the engine logs an evaluation's
-        metrics before its mosaic), e.g. ``adabn-s0, step 2000, val/mIoU 0.3125``."""
+        metrics before its mosaic), in per cent, e.g. ``adabn-s0, step 2000, val/mIoU 31.25``."""
         run = self.client.get_run(self.run_id)
         title = f"{run.info.run_name or self.run_id[:8]}, step {step}"
         metric = f"{key.split('/', 1)[1]}/mIoU"
         at_step = [m.value for m in self.client.get_metric_history(self.run_id, metric) if m.step == step]
-        return title + (f", {metric} {at_step[-1]:.4g}" if at_step else "")
+        if not at_step:
+            return title
+        value = at_step[-1] if self.percent else to_percent(at_step[-1])
+        return title + f", {metric} {value:.2f}"
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
