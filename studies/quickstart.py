@@ -2,7 +2,7 @@
 lambda = 0 control trained as long, an Optuna search over its adversarial weight, and the
 verdicts on three claims, on the embedded benchmark over 3 seeds.
 
-    uda-ray study studies/quickstart.py             # about 7-8 minutes on 2 idle CPU cores from a fresh clone (estimated, see "Run time")
+    uda-ray study studies/quickstart.py             # 7.0 minutes on 2 idle CPU cores from a fresh clone (see "Run time")
     uda-ray study studies/quickstart.py --smoke-test
 
 Rows (every adaptation row starts from the ``source_only`` checkpoint of its seed and runs
@@ -43,17 +43,14 @@ Table 3"). ``--variant shared_bn`` runs the earlier regime (random init, BatchNo
 source and target), where every adaptation row gained from target images passing through
 BatchNorm alone, recorded as ``quickstart-shared_bn``.
 
-Run time: first use generates the benchmark (under ``data/synth``) and pretrains the encoder
-(uda-ray's cache, README "Pretraining": 15 s + 75 s on 2 idle cores); then 3 source-only runs
-and 12 adaptation runs (the search's best on seed 0 is its trial), 2 at a time. Measured
-while another study shared the cores (not an idle-core figure): 10.3 minutes with the
-benchmark and the pretrained encoder already there (the trials 9.8), and 30.3 minutes from
-an empty cache for a first version of this study with longer stages (600 source, 150
-adaptation iterations), whose pretraining took 837 s under that load against 75 s idle. On
-2 idle cores the trials are estimated at about 5 minutes (400 source iterations at 0.074 s
-and 120 adaptation iterations at about 0.21 s each, from the seconds per iteration of the
-table studies and of adaptseg against source-only under the same load), about 7-8 minutes
-from a fresh clone in all.
+Run time, measured on 2 idle cores from a fresh clone with an empty cache (``git clone``, then
+``UDA_RAY_CACHE=$PWD/cache UDA_RAY_STORE=$PWD/stages /usr/bin/time -v uda-ray study
+studies/quickstart.py --tracking-uri sqlite:///$PWD/mlflow.db``; the install excluded): 7 min
+0 s in all. First use generates the benchmark (under ``data/synth``, 22 s) and the embedded
+pretraining domain (7 s), and pretrains the encoder (48 s; uda-ray's cache, README
+"Pretraining"); Ray starts (8 s); the 15 trials, 2 at a time, take 5 min 22 s: 3 source-only
+runs and 12 adaptation runs (3 seeds of adaptseg and of its control, 4 search trials on seed
+0, the best re-run on seeds 1 and 2); the compare table and the verdicts end it. A second run in the same clone skips the first 77 s.
 """
 
 from uda_ray.study import PAPER_PROTOCOL, SHARED_BN, Claim, Row, Study
