@@ -101,6 +101,10 @@ def test_scores_are_logged_in_per_cent_and_an_older_fraction_run_keeps_its_unit(
     assert got_old.metrics == metrics
     assert tracking.scores_in_percent(got_old.metrics, got_old.tags) == got_new.metrics
     assert not tracking.is_score("row/adabn/mIoU") and not tracking.is_score("proxy/acc")
+    # what a checkpoint reports to Tune (its trial tables, the search, the scheduler): per cent too
+    from uda_ray.distributed import _reported
+
+    assert _reported({**metrics, "step": 4, "none": None}) == {**got_new.metrics, "step": 4}
     # the mosaic's title reads the score in per cent from either kind of run
     assert new.image_title("mosaic/val", 1).endswith("val/mIoU 30.00")
     assert old.image_title("mosaic/val", 1).endswith("val/mIoU 30.00")
