@@ -75,11 +75,14 @@ def to_percent(value: float) -> float:
     return 100.0 * value
 
 
+def percent_scores(metrics: dict) -> dict:
+    """Metrics as the engine computes them (scores in fractions) with the scores in per cent."""
+    return {k: to_percent(v) if is_score(k) else v for k, v in metrics.items()}
+
+
 def scores_in_percent(metrics: dict, tags: dict) -> dict:
     """A run's metrics with its scores in per cent, whichever unit the run was logged in."""
-    if tags.get(UNITS_TAG) == PERCENT:
-        return dict(metrics)
-    return {k: to_percent(v) if is_score(k) else v for k, v in metrics.items()}
+    return dict(metrics) if tags.get(UNITS_TAG) == PERCENT else percent_scores(metrics)
 
 
 @contextlib.contextmanager
@@ -460,10 +463,9 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        scale = (lambda k, v: to_percent(float(v)) if is_score(k) else float(v)) if self.percent \
-            else (lambda k, v: float(v))
-        ms = [Metric(_metric_key(k), scale(k, v), ts, step) for k, v in metrics.items()
-              if isinstance(v, (int, float)) and math.isfinite(v)]
+        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        ms = [Metric(_metric_key(k), v, ts, step)
+              for k, v in (percent_scores(finite) if self.percent else finite).items()]
         for i in range(0, len(ms), 500):
             self.client.log_batch(self.run_id, metrics=ms[i:i + 500])
 
