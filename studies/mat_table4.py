@@ -1,6 +1,6 @@
 """MAT Table 4 (the p1 x p2 grid of the proxy selection) on the embedded benchmark, 3 seeds.
 
-    uda-ray study studies/mat_table4.py                 # 46 minutes on 2 idle CPU cores (measured)
+    uda-ray study studies/mat_table4.py                 # 37 minutes on 2 idle CPU cores (measured; 46 with earlier code)
     uda-ray study studies/mat_table4.py --smoke-test
 
 Every grid row re-runs only the proxy stage (proxies of Eq. 5 from the same ``mul_adv``
