@@ -2,7 +2,7 @@
 learning (JAL) and the weight transfer module (WTM) on two-level AdaptSegNet, 3 seeds, on
 the embedded benchmark at the ``study-cpu`` preset.
 
-    uda-ray study studies/jal_table4.py               # 48 minutes on 2 CPU cores (measured, partly sharing them with a test run)
+    uda-ray study studies/jal_table4.py               # 48 minutes on 2 CPU cores (measured with earlier code, partly sharing them with a test run; 20 after DAST Table 3, whose source-only stage it reuses)
     uda-ray study studies/jal_table4.py --smoke-test  # 2 iterations per row, one seed
 
 Rows (every adaptation row starts from the ``source_only`` checkpoint of the same seed and
