@@ -2,7 +2,7 @@
 multi-adversarial stage and over the proxy proportions (p1, p2), each best re-run over 3
 seeds next to the paper's defaults, on the embedded benchmark at ``study-cpu``.
 
-    uda-ray study studies/mat_search.py                 # 36 minutes on 2 idle CPU cores (measured; findings: studies/README.md)
+    uda-ray study studies/mat_search.py                 # 36 minutes on 2 idle CPU cores (measured with earlier code; 13 after MAT Table 4, whose stages it reuses; findings: studies/README.md)
     uda-ray study studies/mat_search.py --smoke-test    # 2 iterations, 1 seed, 2 trials per search
 
 Rows:
