@@ -1,7 +1,7 @@
 """Cross-method comparison: the best row of each of the five methods and the two baselines
 side by side on the embedded benchmark, 3 seeds, each row exactly as in its own table study.
 
-    uda-ray study studies/cross_method.py               # 72 minutes on 2 idle CPU cores (measured)
+    uda-ray study studies/cross_method.py               # 72 minutes on 2 idle CPU cores (measured with earlier code; 20 after the table studies, whose stages it reuses)
     uda-ray study studies/cross_method.py --smoke-test
 
 Each method's row is the full method of its paper, as in its table study. Where a method's
