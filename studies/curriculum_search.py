@@ -4,7 +4,7 @@ the loss weight of the weighted classes (paper 2) and the final source-to-target
 gamma (paper 0.1). 6 trials on seed 0, selected on the selection split (``sel/mIoU``, never
 the reported val), then the best configuration over 3 seeds, next to the paper's defaults.
 
-    uda-ray study studies/curriculum_search.py              # about 23 minutes on 2 idle CPU cores (measured)
+    uda-ray study studies/curriculum_search.py              # about 23 minutes on 2 idle CPU cores (measured with earlier code; 8 after curriculum Table 1, whose stages it reuses)
     uda-ray study studies/curriculum_search.py --smoke-test
 
 Rows (the ``curriculum`` method on ``tiny_ppm`` with two decoders, every row from the
