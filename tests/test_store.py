@@ -321,3 +321,35 @@ def test_train_reuses_a_stored_stage_and_never_trains_anyway(data_root, tmp_path
     assert run("run.name=d", "optim.lr=0.02") == 0  # another stage
     assert "reused" not in capsys.readouterr().out
 
+
+
+def _lr_space(trial):
+    return {"optim.lr": trial.suggest_float("optim.lr", 1e-4, 1e-2, log=True)}
+
+
+def test_the_plan_prints_the_least_a_search_with_early_stopping_can_train(data_root, tmp_path, monkeypatch):
+    """A search of 4 trials x 9 iterations with ASHA (grace period 3): at most 36, at least one
+    trial to its end and three stopped at their grace period, 9 + 3 x 3 = 18. Without early
+    stopping the search counts in full, unless --asha asks what it would be."""
+    from uda_ray.plan import format_plan, plan_studies
+    from uda_ray.study import Row, Study
+
+    monkeypatch.chdir(tmp_path)  # no Optuna storage of earlier trials here
+    base = _base(data_root, tmp_path, **{"run.iterations": 9})
+    rows = [Row("src", "source_only"), Row("ad", "adaptseg", init_from="src", space=_lr_space, num_samples=4)]
+    kw = dict(store_root=str(tmp_path / "store"), with_mlflow=False)
+    pruned = plan_studies([Study(name="s", base=base, seeds=(0, 1), baseline="src", rows=rows, asha=True)], **kw)
+    search = next(s for s in pruned.steps if s.action == "search")
+    assert (search.iterations, search.least) == (36, 18)
+    # trained: src 2 x 9, the 4 trials, ad s1 (its s0 is the best trial, reused): asked 18 + 36 + 18
+    assert (pruned.total(), pruned.least(), pruned.asked) == (18 + 36 + 9, 18 + 18 + 9, 72)
+    out = format_plan(pruned, per_step=False)
+    assert "search trials: 36 of the 63 (50.0% of asked); without them 27 (37.5%)" in out
+    assert "early stopping (1 of 1 searches): at least 45 (62.5%)" in out
+
+    full = Study(name="f", base=base, seeds=(0, 1), baseline="src", rows=rows)
+    plain = plan_studies([full], **kw)
+    assert next(s for s in plain.steps if s.action == "search").least is None and plain.least() == plain.total()
+    assert "early stopping" not in format_plan(plain, per_step=False)
+    what_if = plan_studies([full], **kw, asha_all=True)
+    assert what_if.least() == 45 and "as if every search stopped trials early (--asha)" in format_plan(what_if)

@@ -426,7 +426,7 @@ def _cmd_plan(args) -> int:
         return 0
     studies = [load_study(find_study(s)) for s in args.studies]
     plan = plan_studies(studies, smoke=args.smoke_test, tracking_uri=args.tracking_uri, store_root=args.store,
-                        storage_path=args.storage_path, reuse=args.reuse, variant=args.variant)
+                        storage_path=args.storage_path, reuse=args.reuse, variant=args.variant, asha_all=args.asha)
     print(format_plan(plan, per_step=not args.totals))
     return 0
 
@@ -716,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--storage-path", default=None, help="as uda-ray study's (default: UDA_RAY_STORAGE or ./runs/ray)")
     pl.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's, sqlite:///mlflow.db)")
     pl.add_argument("--totals", action="store_true", help="only the totals, not every row x seed")
+    pl.add_argument("--asha", action="store_true",
+                    help="a what-if: count every search as stopping trials early with the default ASHA (a third "
+                         "of a trial's iterations) where its study does not, and print the least it can train")
     pl.add_argument("--trained", action="store_true",
                     help="instead: what the finished studies' runs trained (iterations per row, runs reused from "
                          "the stage store, search trials stopped early), read from MLflow")

@@ -39,14 +39,20 @@ class Step:
     source: str = ""     # where a reused or skipped stage comes from
     seconds: float = math.nan
     _asked: int = 0      # iterations asked for when nothing is reused
+    least: int | None = None  # a search with early stopping: the fewest iterations it can train
 
 
 @dataclass
 class Plan:
     steps: list[Step] = field(default_factory=list)
+    asha_all: bool = False   # planned with uda-ray plan --asha (a what-if)
 
     def total(self, key: str = "iterations", *, actions=("train", "search")) -> float:
         return sum(getattr(s, key) for s in self.steps if s.action in actions)
+
+    def least(self) -> int:
+        """The fewest iterations the plan can train: every search with early stopping at its least."""
+        return sum(s.iterations if s.least is None else s.least for s in self.steps if s.action in ("train", "search"))
 
     @property
     def asked(self) -> int:
@@ -106,10 +112,11 @@ def _rate_key(flat: dict) -> tuple:
 
 def plan_studies(studies: list, *, smoke: bool = False, tracking_uri: str | None = None, store_root: str | None = None,
                  storage_path: str | None = None, reuse: str = "exact", variant: str | None = None,
-                 with_mlflow: bool = True) -> Plan:
+                 with_mlflow: bool = True, asha_all: bool = False) -> Plan:
     """The plan of running ``studies`` one after the other (see the module)."""
     from .fingerprint import code_fingerprint, data_fingerprint_planned
     from .store import StageStore, default_root
+    from .study import asha_of
 
     store = StageStore(store_root or default_root(storage_path))
     stored = {}
@@ -122,7 +129,7 @@ def plan_studies(studies: list, *, smoke: bool = False, tracking_uri: str | None
     planned: dict[str, str] = {}   # lineage -> "study/row sSEED" trained earlier in this plan
     starts: dict = {}
     code = code_fingerprint()
-    plan = Plan()
+    plan = Plan(asha_all=asha_all)
     for study in studies:
         study = study.variant(variant) if variant and variant in study.variants else study
         name = study.name + ("-smoke" if smoke else "")
@@ -140,9 +147,18 @@ def plan_studies(studies: list, *, smoke: bool = False, tracking_uri: str | None
                     if row.space is not None and seed == seeds[0]:
                         n = 2 if smoke else row.num_samples
                         trials = n - _completed_trials(study, row, name, smoke)
+                        asha = study.asha if study.asha not in (None, False) or not asha_all else True
+                        spec = asha_of(asha, flat) if trials > 0 else None
                         s = Step(name, f"{row.name} (search: {trials} trials)", seed, "search", trials * iters,
-                                 seconds=trials * iters * sec,
-                                 source="at most: ASHA stops trials that fall behind" if study.asha else "")
+                                 seconds=trials * iters * sec)
+                        if spec:
+                            # one trial to its end (none if the search already has a finished one), the
+                            # others stopped at the grace period
+                            full = iters if trials == n else 0
+                            s.least = full + (trials - (1 if full else 0)) * spec["grace_period"]
+                            s.source = (f"at most: ASHA stops trials that fall behind; at least {s.least}"
+                                        if study.asha else f"in full (the study stops no trial early); "
+                                                           f"with --asha at least {s.least}")
                         s._asked = n * iters
                         plan.steps.append(s)
                     if row.init_from:
@@ -213,6 +229,18 @@ def format_plan(plan: Plan, *, per_step: bool = True) -> str:
                  f"({100 * train / plan.asked:.0f}%)" if plan.asked else "\ntotal: nothing asked")
     lines.append(f"  {n['train']} row x seed runs to train, {n['search']} searches, {n['reuse']} reused, "
                  f"{n['skip']} finished already")
+    if n["search"] and plan.asked:
+        trials = plan.total(actions=("search",))
+        stopping = [s for s in plan.steps if s.action == "search" and s.least is not None]
+        line = (f"  search trials: {trials} of the {train} ({100 * trials / plan.asked:.1f}% of asked); "
+                f"without them {train - trials} ({100 * (train - trials) / plan.asked:.1f}%)")
+        lines.append(line)
+        if stopping:
+            least = plan.least()
+            what = "as if every search stopped trials early (--asha)" if plan.asha_all else "early stopping"
+            lines.append(f"  {what} ({len(stopping)} of {n['search']} searches): at least {least} "
+                         f"({100 * least / plan.asked:.1f}%), one trial per search to its end and the others "
+                         f"stopped at their grace period")
     if known:
         lines.append(f"  estimated time: {hms(sum(known))} one trial at a time (at the perf/sec_per_iter of stored "
                      f"stages of the same method and sizes)"
