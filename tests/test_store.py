@@ -353,3 +353,31 @@ def test_the_plan_prints_the_least_a_search_with_early_stopping_can_train(data_r
     assert "early stopping" not in format_plan(plain, per_step=False)
     what_if = plan_studies([full], **kw, asha_all=True)
     assert what_if.least() == 45 and "as if every search stopped trials early (--asha)" in format_plan(what_if)
+
+
+def test_plan_trained_sums_the_studies_against_what_they_ask(tmp_path, capsys, monkeypatch):
+    """``uda-ray plan A B --trained`` over a real MLflow store: a trained run counts its last
+    logged step, a reused one 0; the total is put against what the two studies ask (5 each)."""
+    import mlflow
+
+    from uda_ray.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.py").write_text(
+            "from uda_ray.study import Row, Study\n"
+            f"STUDY = Study(name={name!r}, base={{'run.iterations': 5}}, seeds=(0,), baseline='src',\n"
+            "              rows=[Row('src', 'source_only')])\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for name, tags in (("a", {}), ("b", {"reused": "1"})):
+        run = client.create_run(client.create_experiment(name),
+                                tags={"uda_ray.kind": "row", "row": "src", "seed": "0", **tags})
+        if not tags:
+            for step in range(1, 6):
+                client.log_metric(run.info.run_id, "loss/seg_src", 1.0 / step, step=step)
+        client.set_terminated(run.info.run_id)
+    assert cli(["plan", "a.py", "b.py", "--trained", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "src                                    1          0      1      0" in out  # b: reused
+    assert "all 2 studies: 5 iterations trained of 10 asked (50.0%)" in out

@@ -421,8 +421,17 @@ def _cmd_plan(args) -> int:
         from .compare import study_name
         from .plan import format_trained, trained
 
+        total = 0
         for s in args.studies:
-            print(format_trained(study_name(s), trained(study_name(s), args.tracking_uri)))
+            rows = trained(study_name(s), args.tracking_uri)
+            total += sum(a["iterations"] for a in rows.values())
+            print(format_trained(study_name(s), rows))
+        if len(args.studies) > 1:  # against what they ask when nothing is reused or stopped early
+            asked = plan_studies([load_study(find_study(s)) for s in args.studies], smoke=args.smoke_test,
+                                 store_root=args.store, storage_path=args.storage_path, variant=args.variant,
+                                 with_mlflow=False).asked
+            print(f"\nall {len(args.studies)} studies: {total} iterations trained of {asked} asked "
+                  f"({100 * total / asked:.1f}%)" if asked else f"\nall {len(args.studies)} studies: {total} trained")
         return 0
     studies = [load_study(find_study(s)) for s in args.studies]
     plan = plan_studies(studies, smoke=args.smoke_test, tracking_uri=args.tracking_uri, store_root=args.store,
