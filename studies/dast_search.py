@@ -2,7 +2,7 @@
 discriminator attention and over the self-training pseudo-label portion q and weight mu,
 each best re-run over 3 seeds next to the paper's defaults, on the embedded benchmark.
 
-    uda-ray study studies/dast_search.py                # 45 minutes on 2 CPU cores (measured)
+    uda-ray study studies/dast_search.py                # 45 minutes on 2 CPU cores (measured with earlier code, no early stopping; 15 with it, after the DAST tables and cross-method, whose stages it reuses)
     uda-ray study studies/dast_search.py --smoke-test   # 2 iterations, 1 seed, 2 trials per search
 
 Rows:
