@@ -3,7 +3,7 @@ embedded benchmark at the ``study-cpu`` preset: 6 trials on seed 0, selected on 
 selection split (``sel/mIoU``), then the best re-run over 3 seeds, beside the paper's
 defaults.
 
-    uda-ray study studies/jal_search.py               # 45 minutes on 2 idle CPU cores (measured)
+    uda-ray study studies/jal_search.py               # 45 minutes on 2 idle CPU cores (measured with earlier code, no early stopping; 16 with it, after DAST Table 3 and JAL Table 4, whose stages it reuses)
     uda-ray study studies/jal_search.py --smoke-test  # 2 iterations, one seed, 2 search trials
 
 Rows:
