@@ -2,7 +2,7 @@
 with both maps on, the best re-run over 3 seeds next to the paper's defaults, on the
 embedded benchmark at ``study-cpu``.
 
-    uda-ray study studies/pww_search.py                 # about 60 minutes on 2 idle CPU cores (measured in two parts)
+    uda-ray study studies/pww_search.py                 # about 60 minutes on 2 idle CPU cores (measured in two parts with earlier code; 31 in one after DAST Table 3 and PWW Table 3, whose stages it reuses)
     uda-ray study studies/pww_search.py --smoke-test    # 2 iterations, 1 seed, 2 trials
 
 Rows:
