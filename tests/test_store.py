@@ -381,3 +381,18 @@ def test_plan_trained_sums_the_studies_against_what_they_ask(tmp_path, capsys, m
     out = capsys.readouterr().out
     assert "src                                    1          0      1      0" in out  # b: reused
     assert "all 2 studies: 5 iterations trained of 10 asked (50.0%)" in out
+
+
+def test_the_plan_counts_no_iterations_for_a_method_that_trains_nothing(data_root, tmp_path, monkeypatch):
+    """AdaBN re-estimates BatchNorm statistics and trains nothing, whatever run.iterations says
+    (the engine runs 0 iterations): the plan neither trains nor asks for its 9."""
+    from uda_ray.plan import plan_studies
+    from uda_ray.study import Row, Study
+
+    monkeypatch.chdir(tmp_path)
+    base = _base(data_root, tmp_path, **{"run.iterations": 9})
+    study = Study(name="bn", base=base, seeds=(0,), baseline="src",
+                  rows=[Row("src", "source_only"), Row("bn", "adabn", init_from="src")])
+    plan = plan_studies([study], store_root=str(tmp_path / "store"), with_mlflow=False)
+    assert [(s.row, s.action, s.iterations) for s in plan.steps] == [("src", "train", 9), ("bn", "train", 0)]
+    assert (plan.total(), plan.asked) == (9, 9)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import config_hash, lineage_hash
-from .config import build_config
+from .config import METHODS, build_config
 
 
 @dataclass
@@ -141,7 +141,9 @@ def plan_studies(studies: list, *, smoke: bool = False, tracking_uri: str | None
                 for seed in seeds:
                     flat = study.flat(row, seed, smoke)
                     cfg = build_config(flat)
-                    iters = int(flat["run.iterations"])
+                    # a method that trains nothing (AdaBN re-estimates BatchNorm statistics) runs no
+                    # iterations whatever run.iterations says, as the engine does
+                    iters = int(flat["run.iterations"]) if METHODS[cfg.method].trains else 0
                     rate = rates.get(_rate_key(flat))
                     sec = (sum(rate) / len(rate)) if rate else math.nan
                     if row.space is not None and seed == seeds[0]:
