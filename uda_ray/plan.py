@@ -10,7 +10,11 @@ best configuration's re-run on the search's own seed is the best trial again (th
 lineage) and is reused, its other seeds train; rows that start from a search row have an
 unknown parent until the search ends and are counted as training. With early stopping
 (``Study.asha``) a search trial may stop before its iterations: the plan counts the most it
-can train.
+can train, and beside it the least: one trial per search run to its end and every other one
+stopped at its grace period (ASHA's first rung; no schedule that judges a trial only after
+its grace period can train less). ``asha_all`` (``uda-ray plan --asha``) asks what that least
+would be if every search stopped trials early with the default ASHA (``Study.search_asha``)
+where its study does not say.
 
 Nothing is started: no Ray, no training, no pretraining. A lineage depends on the pretrained
 weights' hash; where the embedded weights are not built yet, a placeholder stands for them,
@@ -116,7 +120,6 @@ def plan_studies(studies: list, *, smoke: bool = False, tracking_uri: str | None
     """The plan of running ``studies`` one after the other (see the module)."""
     from .fingerprint import code_fingerprint, data_fingerprint_planned
     from .store import StageStore, default_root
-    from .study import asha_of
 
     store = StageStore(store_root or default_root(storage_path))
     stored = {}
@@ -149,8 +152,7 @@ def plan_studies(studies: list, *, smoke: bool = False, tracking_uri: str | None
                     if row.space is not None and seed == seeds[0]:
                         n = 2 if smoke else row.num_samples
                         trials = n - _completed_trials(study, row, name, smoke)
-                        asha = study.asha if study.asha not in (None, False) or not asha_all else True
-                        spec = asha_of(asha, flat) if trials > 0 else None
+                        spec = study.search_asha(flat, default=asha_all) if trials > 0 else None
                         s = Step(name, f"{row.name} (search: {trials} trials)", seed, "search", trials * iters,
                                  seconds=trials * iters * sec)
                         if spec:

@@ -191,6 +191,11 @@ class Study:
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
 
+    def search_asha(self, flat: dict, *, default: bool = False) -> dict | None:
+        """The early stopping of this study's search trials that fit ``flat`` (:func:`asha_of`);
+        ``default``: the default ASHA where the study sets none (``uda-ray plan --asha``)."""
+        return asha_of(True if default and self.asha in (None, False) else self.asha, flat)
+
     def variant(self, name: str | None) -> "Study":
         """The study of variant ``name`` (``None``: this one): every row with the variant's
         values, named ``<study>-<variant>``; an unknown name is a one-line error."""
