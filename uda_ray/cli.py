@@ -422,10 +422,11 @@ def _cmd_plan(args) -> int:
         from .plan import format_trained, trained
 
         total = 0
-        for s in args.studies:
-            rows = trained(study_name(s), args.tracking_uri)
+        for s in args.studies:  # the smoke tests' runs with --smoke-test, as the plan's names
+            name = study_name(s) + ("-smoke" if args.smoke_test else "")
+            rows = trained(name, args.tracking_uri)
             total += sum(a["iterations"] for a in rows.values())
-            print(format_trained(study_name(s), rows))
+            print(format_trained(name, rows))
         if len(args.studies) > 1:  # against what they ask when nothing is reused or stopped early
             asked = plan_studies([load_study(find_study(s)) for s in args.studies], smoke=args.smoke_test,
                                  store_root=args.store, storage_path=args.storage_path, variant=args.variant,

@@ -152,6 +152,7 @@ def plan_studies(studies: list, *, smoke: bool = False, tracking_uri: str | None
                     if row.space is not None and seed == seeds[0]:
                         n = 2 if smoke else row.num_samples
                         trials = n - _completed_trials(study, row, name, smoke)
+                        own = study.search_asha(flat) is not None  # the study stops trials early itself
                         spec = study.search_asha(flat, default=asha_all) if trials > 0 else None
                         s = Step(name, f"{row.name} (search: {trials} trials)", seed, "search", trials * iters,
                                  seconds=trials * iters * sec)
@@ -161,7 +162,7 @@ def plan_studies(studies: list, *, smoke: bool = False, tracking_uri: str | None
                             full = iters if trials == n else 0
                             s.least = full + (trials - (1 if full else 0)) * spec["grace_period"]
                             s.source = (f"at most: ASHA stops trials that fall behind; at least {s.least}"
-                                        if study.asha else f"in full (the study stops no trial early); "
+                                        if own else f"in full (the study stops no trial early); "
                                                            f"with --asha at least {s.least}")
                         s._asked = n * iters
                         plan.steps.append(s)
@@ -236,9 +237,8 @@ def format_plan(plan: Plan, *, per_step: bool = True) -> str:
     if n["search"] and plan.asked:
         trials = plan.total(actions=("search",))
         stopping = [s for s in plan.steps if s.action == "search" and s.least is not None]
-        line = (f"  search trials: {trials} of the {train} ({100 * trials / plan.asked:.1f}% of asked); "
-                f"without them {train - trials} ({100 * (train - trials) / plan.asked:.1f}%)")
-        lines.append(line)
+        lines.append(f"  search trials: {trials} of the {train} ({100 * trials / plan.asked:.1f}% of asked); "
+                     f"without them {train - trials} ({100 * (train - trials) / plan.asked:.1f}%)")
         if stopping:
             least = plan.least()
             what = "as if every search stopped trials early (--asha)" if plan.asha_all else "early stopping"
