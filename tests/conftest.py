@@ -3,6 +3,7 @@ uda-ray's cache (``UDA_RAY_CACHE``) in a temporary folder for the whole session,
 store (``UDA_RAY_STORE``) per test."""
 
 import os
+import shutil
 
 import pytest
 
@@ -22,14 +23,28 @@ def uda_ray_cache(tmp_path_factory):
         os.environ["UDA_RAY_CACHE"] = old
 
 
+_PASSED = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    item.stash.setdefault(_PASSED, {})[rep.when] = rep.passed
+    return rep
+
+
 @pytest.fixture(autouse=True)
-def uda_ray_store(tmp_path_factory, monkeypatch):
+def uda_ray_store(tmp_path_factory, monkeypatch, request):
     """Each test has its own stage store (``UDA_RAY_STORE``, outside the test's tmp_path, whose
     contents some tests check): a stage one test trained is never reused by another, and
-    nothing is written into the checkout's ./runs."""
+    nothing is written into the checkout's ./runs. Like a test's tmp_path (pyproject's
+    ``tmp_path_retention_policy = "failed"``), it is removed once the test has passed, so the
+    suite's checkpoints never pile up on the disk (a whole run wrote about 6 GB)."""
     store = tmp_path_factory.mktemp("stage-store")
     monkeypatch.setenv("UDA_RAY_STORE", str(store))
-    return store
+    yield store
+    if request.node.stash.get(_PASSED, {}).get("call", False):
+        shutil.rmtree(store, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
