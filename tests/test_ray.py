@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,6 +364,11 @@ def test_ctrl_c_stops_a_study_and_a_rerun_equals_an_uninterrupted_one(cluster, d
     assert run_study(study, address=cluster.address, storage_path=str(tmp_path / "ref-storage"),
                      tracking_uri=ref_uri, out=str(tmp_path / "ref"), store=str(tmp_path / "ref-stages")) == 0
     ref = _by_row_seed(ref_uri, "ctrlc")
+    # each trial's storage keeps its last two checkpoints (src reports 12), and the last, which
+    # its row names and ad starts from, is one of them
+    trials = list((tmp_path / "ref-storage").glob("ctrlc-*/drive_trial_*"))
+    assert len(trials) == 4 and all(len(list(t.glob("checkpoint_*"))) == 2 for t in trials), trials
+    assert all((Path(r.data.tags["checkpoint"]) / "last.pt").is_file() for r in _child_runs(ref_uri, "ctrlc"))
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [sys.executable, "-m", "uda_ray.cli", "study", str(script), "--address", cluster.address,

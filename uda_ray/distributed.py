@@ -324,7 +324,7 @@ class StopOnSignal:
 
 def tune_rows(trainable: Callable[[dict], Any], *, search_alg, storage_path: str, name: str,
               scheduler=None, max_concurrent: int = 2, verbose: int = 1, trial_resources: dict | None = None,
-              max_failures: int = 0, callbacks: list | None = None):
+              max_failures: int = 0, callbacks: list | None = None, keep_checkpoints: int = 2):
     """Run the Tune trials that ``search_alg`` hands out until it says FINISHED (a study's
     :class:`~uda_ray._tune_schedule.RowScheduler`), with an optional trial ``scheduler``.
     Returns the ``ResultGrid``.
@@ -333,6 +333,10 @@ def tune_rows(trainable: Callable[[dict], Any], *, search_alg, storage_path: str
     (:func:`fit_in_trial`; then Tune restarts a failed trial up to ``max_failures`` times);
     by default a trial holds only a driver's share and its ``TorchTrainer`` asks for the
     workers' resources (and restarts them itself). ``callbacks``: Tune callbacks.
+    ``keep_checkpoints``: how many of a trial's latest checkpoints its storage keeps, as
+    :func:`run_trainer` keeps of a Train trial's (a restart needs the last; dependent rows and
+    the stage store read the last): the older ones are deleted as new ones arrive, where all
+    of them stayed before, a full model with its optimizer state at every checkpoint.
     """
     from ray import tune
 
@@ -353,7 +357,8 @@ def tune_rows(trainable: Callable[[dict], Any], *, search_alg, storage_path: str
     tuner = tune.Tuner(tune.with_resources(trainable, res), tune_config=tune.TuneConfig(**tune_kw),
                        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
                                                  callbacks=callbacks or [],
-                                                 failure_config=tune.FailureConfig(max_failures=max_failures)))
+                                                 failure_config=tune.FailureConfig(max_failures=max_failures),
+                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints)))
     return tuner.fit()
 
 
