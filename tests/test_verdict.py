@@ -144,7 +144,8 @@ def test_the_readme_verdict_blocks_are_generated_from_committed_results(tmp_path
     text = readme.read_text()
     assert "hand-typed" not in text and text.endswith("<!-- /verdicts:toy -->\nafter\n")
     assert "| b beats a [b vs a] | +2.0 | +1.10 ± 0.10 | [+0.85, +1.35] | 3/3 | holds | 0.25 |" in text
-    assert "from [`results/toy_seeds.csv`](results/toy_seeds.csv), code abc1234567" in text  # relative to the README
+    # relative to the README; the commit and the training code's fingerprint of the results
+    assert "from [`results/toy_seeds.csv`](results/toy_seeds.csv), code abc1234567, training code c0de (target-val" in text
     assert update_readme(readme, check=True, **kw) == ([], [])
 
 
